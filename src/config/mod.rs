@@ -1,0 +1,163 @@
+//! The TOML file as written by operators: serde structs that mirror it field
+//! for field, and nothing else. Every value that needs checking (durations,
+//! CIDRs, names that refer to other entries) is kept as a [`Spanned`] string
+//! so that `policy::compile` can report all problems at once, each with its
+//! line and column. Nothing outside `policy` ever reads these structs.
+
+mod diagnostics;
+mod secret;
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+pub use toml::Spanned;
+
+pub use diagnostics::{ConfigError, Diagnostics, Severity};
+pub use secret::{EnvAndFiles, Fixed, SecretSource};
+
+/// A string value together with where it stands in the file.
+pub type Str = Spanned<String>;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub log: Log,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Spanned<Tier>>,
+    #[serde(default)]
+    pub users: Vec<Spanned<User>>,
+    #[serde(default)]
+    pub api_keys: Vec<Spanned<ApiKey>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<Route>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub listen: Option<Str>,
+    pub admin_listen: Option<Str>,
+    pub threads: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Str>,
+    #[serde(default)]
+    pub ip_allow: Vec<Str>,
+    pub state_dir: Option<Str>,
+    pub grace_period: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub access: Option<Str>,
+    pub level: Option<Str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub url: Str,
+    pub connect_timeout: Option<Str>,
+    pub read_timeout: Option<Str>,
+    #[serde(default)]
+    pub forward_credentials: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub issuer: Option<Str>,
+    pub audience: Option<Str>,
+    pub token_ttl: Option<Str>,
+    pub refresh_ttl: Option<Str>,
+    pub leeway: Option<Str>,
+    pub token_path: Option<Str>,
+    pub refresh_path: Option<Str>,
+    pub revoke_path: Option<Str>,
+    pub default_access: Option<Str>,
+    pub api_key_header: Option<Str>,
+    #[serde(default)]
+    pub keys: Vec<Spanned<JwtKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    pub kid: Str,
+    pub algorithm: Str,
+    pub secret_env: Option<Str>,
+    pub secret_file: Option<Str>,
+    pub secret: Option<Str>,
+    pub private_key_file: Option<Str>,
+    pub public_key_file: Option<Str>,
+    #[serde(default)]
+    pub sign: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub limit: Option<Spanned<i64>>,
+    pub period: Option<Str>,
+    pub burst: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub unlimited: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub email: Str,
+    pub id: Option<Str>,
+    pub password_hash: Option<Str>,
+    pub tier: Str,
+    #[serde(default)]
+    pub permissions: Vec<Str>,
+    #[serde(default)]
+    pub ip_allow: Vec<Str>,
+    #[serde(default)]
+    pub disabled: bool,
+    pub tokens_valid_after: Option<Str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub id: Str,
+    pub sha256: Str,
+    pub user: Option<Str>,
+    pub tier: Option<Str>,
+    pub permissions: Option<Vec<Str>>,
+    #[serde(default)]
+    pub ip_allow: Vec<Str>,
+    pub expires_at: Option<Str>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub path: Str,
+    pub methods: Option<Vec<Str>>,
+    pub access: Option<Str>,
+    #[serde(default)]
+    pub permissions: Vec<Str>,
+}
+
+/// Parse the text of a configuration file into its serde form. Syntax and type
+/// errors stop here (TOML has no way to go on after one); everything that is
+/// a matter of meaning is checked later, all at once, by `policy::compile`.
+pub fn parse(src: &str) -> Result<File, diagnostics::Located> {
+    toml::from_str(src).map_err(|e| diagnostics::Located {
+        span: e.span(),
+        message: e.message().to_string(),
+    })
+}

@@ -1,0 +1,58 @@
+//! Where secrets come from. Compilation asks a [`SecretSource`] for the value
+//! of an environment variable or the contents of a file, so it stays pure and
+//! tests can hand it a map instead of the real environment.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub trait SecretSource {
+    fn env(&self, name: &str) -> Result<String, String>;
+    fn file(&self, path: &Path) -> Result<Vec<u8>, String>;
+}
+
+/// The real process environment and file system. Relative file paths are
+/// taken relative to `base` (the directory of the configuration file).
+pub struct EnvAndFiles {
+    pub base: PathBuf,
+}
+
+impl SecretSource for EnvAndFiles {
+    fn env(&self, name: &str) -> Result<String, String> {
+        std::env::var(name).map_err(|e| match e {
+            std::env::VarError::NotPresent => {
+                format!("environment variable {name} is not set")
+            }
+            std::env::VarError::NotUnicode(_) => {
+                format!("environment variable {name} is not valid UTF-8")
+            }
+        })
+    }
+
+    fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        let full = self.base.join(path);
+        std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
+    }
+}
+
+/// A fixed set of variables and files, for tests and for `keygate demo`.
+#[derive(Default)]
+pub struct Fixed {
+    pub env: HashMap<String, String>,
+    pub files: HashMap<PathBuf, Vec<u8>>,
+}
+
+impl SecretSource for Fixed {
+    fn env(&self, name: &str) -> Result<String, String> {
+        self.env
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("environment variable {name} is not set"))
+    }
+
+    fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        self.files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| format!("cannot read {}: not found", path.display()))
+    }
+}

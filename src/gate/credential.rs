@@ -1,0 +1,183 @@
+//! Finding the credential in a request and turning an API key into the
+//! policy's entry for it.
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::Denial;
+use crate::policy::{KeyIdx, Policy};
+
+/// Longer credentials are refused before any parsing or hashing.
+pub const MAX_CREDENTIAL_LEN: usize = 8192;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    Jwt(&'a str),
+    ApiKey(&'a str),
+}
+
+/// The one credential a request carries. RFC 6750 §2 forbids sending more
+/// than one, so an `Authorization: Bearer` together with the API-key header
+/// is a malformed request rather than a guess about which one to believe.
+pub fn extract<'a>(
+    headers: &'a HeaderMap,
+    api_key_header: &HeaderName,
+) -> Result<Credential<'a>, Denial> {
+    let bearer = bearer(headers)?;
+    let mut api_keys = headers.get_all(api_key_header).iter();
+    let api_key = match (api_keys.next(), api_keys.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => return Err(Denial::InvalidRequest("more than one API key header")),
+        (Some(v), None) => Some(
+            v.to_str()
+                .map_err(|_| Denial::InvalidApiKey("not printable ASCII"))?
+                .trim(),
+        ),
+    };
+    match (bearer, api_key) {
+        (Some(_), Some(_)) => Err(Denial::InvalidRequest(
+            "send either an Authorization Bearer credential or an API key header, not both",
+        )),
+        (Some(token), None) => Ok(classify(token)),
+        (None, Some("")) => Err(Denial::InvalidApiKey("empty")),
+        (None, Some(key)) if key.len() > MAX_CREDENTIAL_LEN => {
+            Err(Denial::InvalidApiKey("too long"))
+        }
+        (None, Some(key)) => Ok(Credential::ApiKey(key)),
+        (None, None) => Err(Denial::MissingCredentials),
+    }
+}
+
+/// The token of an `Authorization: Bearer` header (scheme in any case), or
+/// `None` when there is no such header or it uses another scheme.
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = match (values.next(), values.next()) {
+        (None, _) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(Denial::InvalidRequest("more than one Authorization header"))
+        }
+        (Some(v), None) => v,
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Denial::InvalidToken("not printable ASCII"))?
+        .trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Ok(None);
+    }
+    let token = rest.trim();
+    if token.is_empty() {
+        return Err(Denial::InvalidToken("the Bearer token is empty"));
+    }
+    if token.len() > MAX_CREDENTIAL_LEN {
+        return Err(Denial::InvalidToken("too long"));
+    }
+    Ok(Some(token))
+}
+
+/// A Bearer value with the three dot-separated parts of a JWS is a JWT;
+/// anything else is an API key (generated keys never contain dots).
+fn classify(token: &str) -> Credential<'_> {
+    if token.bytes().filter(|b| *b == b'.').count() == 2 {
+        Credential::Jwt(token)
+    } else {
+        Credential::ApiKey(token)
+    }
+}
+
+/// The API key whose SHA-256 the policy lists, if it may be used now.
+pub fn find_api_key(policy: &Policy, key: &str, now: u64) -> Result<KeyIdx, Denial> {
+    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    let prefix = crate::policy::hash_prefix(&hash);
+    let (idx, entry) = policy
+        .api_key_by_hash_prefix(prefix)
+        .filter(|(_, k)| bool::from(k.sha256.ct_eq(&hash)))
+        .ok_or(Denial::InvalidApiKey("unknown key"))?;
+    if entry.disabled {
+        return Err(Denial::InvalidApiKey("the key is disabled"));
+    }
+    if entry.expires_at.is_some_and(|t| now >= t) {
+        return Err(Denial::InvalidApiKey("the key has expired"));
+    }
+    if let Some(owner) = entry.owner {
+        if policy.user(owner).disabled {
+            return Err(Denial::InvalidApiKey("the key's owner is disabled"));
+        }
+    }
+    Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn x_api_key() -> HeaderName {
+        HeaderName::from_static("x-api-key")
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let h = headers(&[("authorization", &format!("{scheme} a.b.c"))]);
+            assert_eq!(extract(&h, &x_api_key()), Ok(Credential::Jwt("a.b.c")));
+        }
+    }
+
+    #[test]
+    fn bearer_without_dots_is_an_api_key() {
+        let h = headers(&[("authorization", "Bearer vmc_abc")]);
+        assert_eq!(extract(&h, &x_api_key()), Ok(Credential::ApiKey("vmc_abc")));
+    }
+
+    #[test]
+    fn api_key_header_is_read() {
+        let h = headers(&[("x-api-key", "vmc_abc")]);
+        assert_eq!(extract(&h, &x_api_key()), Ok(Credential::ApiKey("vmc_abc")));
+    }
+
+    #[test]
+    fn two_credentials_are_a_bad_request() {
+        let h = headers(&[("authorization", "Bearer a.b.c"), ("x-api-key", "vmc_abc")]);
+        assert_eq!(extract(&h, &x_api_key()).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn other_schemes_count_as_no_credential() {
+        let h = headers(&[("authorization", "Basic dXNlcjpwYXNz")]);
+        assert_eq!(extract(&h, &x_api_key()), Err(Denial::MissingCredentials));
+        assert_eq!(
+            extract(&HeaderMap::new(), &x_api_key()),
+            Err(Denial::MissingCredentials)
+        );
+    }
+
+    #[test]
+    fn empty_and_oversized_tokens_are_invalid() {
+        let h = headers(&[("authorization", "Bearer ")]);
+        assert_eq!(
+            extract(&h, &x_api_key()).unwrap_err().code(),
+            "invalid_token"
+        );
+        let long = format!("Bearer {}", "a".repeat(20_000));
+        let h = headers(&[("authorization", &long)]);
+        assert_eq!(
+            extract(&h, &x_api_key()).unwrap_err().code(),
+            "invalid_token"
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! The decision pipeline, as plain Rust over plain data: no pingora types,
+//! no I/O, one clock reading passed in. The proxy, the benches and `keygate
+//! explain` all call [`decide`].
+//!
+//! Order (DESIGN.md, "HTTP behaviour"): client IP → global allowlist → route
+//! → credential → principal → principal allowlist → permissions.
+
+mod client_ip;
+mod credential;
+mod denial;
+mod jwt;
+pub mod path;
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderValue, Method};
+
+pub use credential::{extract as extract_credential, find_api_key, Credential, MAX_CREDENTIAL_LEN};
+pub use denial::{error_body, Denial};
+pub use jwt::verify as verify_jwt;
+
+use crate::policy::{Access, KeyIdx, Permissions, Policy, RouteIdx, TierIdx, UserIdx};
+
+/// What the gate needs to know about a request.
+pub struct RequestFacts<'a> {
+    /// The socket peer.
+    pub peer: IpAddr,
+    pub method: &'a Method,
+    /// Already normalised (see [`path::normalize`]).
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Jwt,
+    ApiKey,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::ApiKey => "api_key",
+        }
+    }
+
+    pub fn header(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// Who a request speaks for: indices into the policy it was decided under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Principal {
+    pub method: AuthMethod,
+    pub user: Option<UserIdx>,
+    pub key: Option<KeyIdx>,
+}
+
+impl Principal {
+    /// The user's id, or for a key without an owner the key's id.
+    pub fn subject<'p>(&self, policy: &'p Policy) -> &'p HeaderValue {
+        match (self.user, self.key) {
+            (Some(u), _) => &policy.user(u).id_header,
+            (None, Some(k)) => &policy.api_key(k).id_header,
+            (None, None) => unreachable!("a principal has a user or a key"),
+        }
+    }
+
+    pub fn subject_str<'p>(&self, policy: &'p Policy) -> &'p str {
+        match (self.user, self.key) {
+            (Some(u), _) => &policy.user(u).id,
+            (None, Some(k)) => &policy.api_key(k).id,
+            (None, None) => unreachable!("a principal has a user or a key"),
+        }
+    }
+
+    pub fn tier(&self, policy: &Policy) -> TierIdx {
+        match (self.key, self.user) {
+            (Some(k), _) => policy.api_key(k).tier,
+            (None, Some(u)) => policy.user(u).tier,
+            (None, None) => unreachable!("a principal has a user or a key"),
+        }
+    }
+
+    /// Current permissions: a key's (already capped by its owner's), else the user's.
+    pub fn permissions<'p>(&self, policy: &'p Policy) -> &'p Permissions {
+        match (self.key, self.user) {
+            (Some(k), _) => &policy.api_key(k).permissions,
+            (None, Some(u)) => &policy.user(u).permissions,
+            (None, None) => unreachable!("a principal has a user or a key"),
+        }
+    }
+
+    /// The key's allowlist and its owner's both apply.
+    pub fn ip_permitted(&self, policy: &Policy, ip: IpAddr) -> bool {
+        self.key
+            .is_none_or(|k| policy.api_key(k).ip_allow.permits(ip))
+            && self
+                .user
+                .is_none_or(|u| policy.user(u).ip_allow.permits(ip))
+    }
+}
+
+/// The gate's answer, with what it learned on the way (for headers, logs,
+/// metrics and `keygate explain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub client_ip: IpAddr,
+    pub route: Option<RouteIdx>,
+    pub access: Access,
+    pub principal: Option<Principal>,
+    pub verdict: Result<(), Denial>,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        self.verdict.is_ok()
+    }
+}
+
+/// Decide one request. `now` is Unix seconds.
+pub fn decide(policy: &Policy, req: &RequestFacts<'_>, now: u64) -> Decision {
+    let client_ip = client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies);
+    let route = policy.router.lookup(req.method, req.path);
+    let access = route.map_or(policy.auth.default_access, |r| policy.route(r).access);
+    let mut decision = Decision {
+        client_ip,
+        route,
+        access,
+        principal: None,
+        verdict: Ok(()),
+    };
+    decision.verdict = judge(policy, req, now, &mut decision);
+    decision
+}
+
+fn judge(
+    policy: &Policy,
+    req: &RequestFacts<'_>,
+    now: u64,
+    decision: &mut Decision,
+) -> Result<(), Denial> {
+    if !policy.server.ip_allow.permits(decision.client_ip) {
+        return Err(Denial::IpNotAllowed);
+    }
+    match decision.access {
+        Access::Deny => return Err(Denial::Forbidden),
+        Access::Public => return Ok(()),
+        Access::Authenticated => {}
+    }
+    let principal = match credential::extract(req.headers, &policy.auth.api_key_header)? {
+        Credential::Jwt(token) => Principal {
+            method: AuthMethod::Jwt,
+            user: Some(jwt::verify(policy, token, now)?),
+            key: None,
+        },
+        Credential::ApiKey(key) => {
+            let idx = credential::find_api_key(policy, key, now)?;
+            Principal {
+                method: AuthMethod::ApiKey,
+                user: policy.api_key(idx).owner,
+                key: Some(idx),
+            }
+        }
+    };
+    decision.principal = Some(principal);
+    if !principal.ip_permitted(policy, decision.client_ip) {
+        return Err(Denial::IpNotAllowed);
+    }
+    if let Some(route) = decision.route {
+        let held = principal.permissions(policy);
+        if let Some(missing) = policy
+            .route(route)
+            .permissions
+            .iter()
+            .find(|p| !held.contains(p))
+        {
+            return Err(Denial::InsufficientPermissions(missing.clone()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! keygate: an authenticating reverse-proxy sidecar.
+//!
+//! A request flows `proxy` (pingora glue) → `gate` (the pure decision over a
+//! `policy` snapshot) → upstream. `config` is the file as written; `policy`
+//! is what it compiles to, published through one `ArcSwap`.
+
+pub mod cli;
+pub mod config;
+pub mod gate;
+pub mod issue;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;

@@ -1,0 +1,69 @@
+//! The `keygate` command line. Parsing only; each command lives in `keygate::cli`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "Authenticating reverse-proxy sidecar"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (config: -c FILE, else $KEYGATE_CONFIG, else ./keygate.toml)
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print a summary; exit 1 on any error
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The file, as an alternative to -c
+        #[arg(value_name = "FILE", conflicts_with = "config")]
+        file: Option<PathBuf>,
+    },
+    /// Print a fresh API key once, and the [[api_keys]] lines (with its hash) to paste
+    NewApiKey {
+        #[arg(long, default_value = "vmc_")]
+        prefix: String,
+        /// The id to put in the TOML lines
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Read a password from stdin and print an argon2id PHC string
+    HashPassword,
+    /// Serve the example configuration with a built-in sample VM API, printing curl lines to try
+    Demo {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => keygate::cli::run(&keygate::cli::config_path(config)),
+        Command::Check { config, file } => {
+            keygate::cli::check(&keygate::cli::config_path(config.or(file)))
+        }
+        Command::NewApiKey { prefix, id } => keygate::cli::new_api_key(&prefix, id.as_deref()),
+        Command::HashPassword => keygate::cli::hash_password(),
+        Command::Demo { config } => keygate::cli::demo::run(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keygate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Every Prometheus metric keygate exports, registered once in the default
+//! registry (the one pingora's own metrics use, so `/metrics` shows both).
+//! Label values come from the policy's names (route patterns, tier names)
+//! or from fixed sets, never from raw paths, subjects or keys.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+};
+
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub auth_denials: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: IntGauge,
+    pub config_last_reload_success_timestamp: IntGauge,
+    pub policy_objects: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+}
+
+/// Latency buckets from 100 µs to 10 s: a sidecar's own overhead sits at the
+/// bottom, slow upstreams at the top.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    // Registering a fixed set of names into a fresh registry cannot fail;
+    // a clash would be a programming error caught by the first test run.
+    let m = Metrics {
+        requests: register_int_counter_vec!(
+            "keygate_requests_total",
+            "Requests answered, by route pattern, method and status class.",
+            &["route", "method", "status"]
+        )
+        .expect("register keygate_requests_total"),
+        request_duration: register_histogram_vec!(
+            "keygate_request_duration_seconds",
+            "Time from request headers received to response finished, by route pattern.",
+            &["route"],
+            LATENCY_BUCKETS.to_vec()
+        )
+        .expect("register keygate_request_duration_seconds"),
+        upstream_duration: register_histogram_vec!(
+            "keygate_upstream_duration_seconds",
+            "Time from sending the request upstream to the upstream's response header, by route pattern.",
+            &["route"],
+            LATENCY_BUCKETS.to_vec()
+        )
+        .expect("register keygate_upstream_duration_seconds"),
+        auth_denials: register_int_counter_vec!(
+            "keygate_auth_denials_total",
+            "Requests refused by the gate, by error code.",
+            &["code"]
+        )
+        .expect("register keygate_auth_denials_total"),
+        upstream_errors: register_int_counter_vec!(
+            "keygate_upstream_errors_total",
+            "Requests that failed at the upstream, by kind (connect, timeout, other).",
+            &["kind"]
+        )
+        .expect("register keygate_upstream_errors_total"),
+        config_reloads: register_int_counter_vec!(
+            "keygate_config_reloads_total",
+            "Configuration reloads, by result (success, failure).",
+            &["result"]
+        )
+        .expect("register keygate_config_reloads_total"),
+        config_last_reload_success: register_int_gauge!(
+            "keygate_config_last_reload_success",
+            "1 if the last reload attempt succeeded, 0 if it failed."
+        )
+        .expect("register keygate_config_last_reload_success"),
+        config_last_reload_success_timestamp: register_int_gauge!(
+            "keygate_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful load of the configuration."
+        )
+        .expect("register keygate_config_last_reload_success_timestamp_seconds"),
+        policy_objects: register_int_gauge_vec!(
+            "keygate_policy_objects",
+            "Objects in the running policy, by kind.",
+            &["kind"]
+        )
+        .expect("register keygate_policy_objects"),
+        build_info: register_int_gauge_vec!(
+            "keygate_build_info",
+            "Always 1; the labels name the running build.",
+            &["version"]
+        )
+        .expect("register keygate_build_info"),
+    };
+    m.build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    m
+});
+
+/// A bounded label for an HTTP method.
+pub fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// `2xx`, `4xx`, …
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+/// Record the policy's object counts after a successful (re)load.
+pub fn record_policy(counts: crate::policy::Counts, success: bool) {
+    let m = &*METRICS;
+    if success {
+        for (kind, n) in [
+            ("users", counts.users),
+            ("api_keys", counts.api_keys),
+            ("routes", counts.routes),
+            ("tiers", counts.tiers),
+            ("jwt_keys", counts.jwt_keys),
+        ] {
+            m.policy_objects.with_label_values(&[kind]).set(n as i64);
+        }
+        m.config_last_reload_success_timestamp
+            .set(crate::policy::unix_now() as i64);
+    }
+}

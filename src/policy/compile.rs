@@ -1,0 +1,1065 @@
+//! `config::File` → [`Policy`], the one conversion. Every check runs and every
+//! problem is collected, so an operator sees all of them in one `check`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+
+use super::router::{RouteError, RouteSpec, Router};
+use super::{
+    Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Permissions, Policy,
+    Rate, Route, Server, Tier, TierIdx, Upstream, User, UserIdx,
+};
+use crate::config::{self, ConfigError, Diagnostics, EnvAndFiles, SecretSource, Severity, Str};
+
+/// A policy and the warnings its file produced (inline secrets, say).
+#[derive(Debug)]
+pub struct Compiled {
+    pub policy: Policy,
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Read `path`, resolve its secrets from the environment and from files next
+/// to it, and compile it.
+pub fn compile_file(path: &Path) -> Result<Compiled, Vec<ConfigError>> {
+    let name = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: name.clone(),
+            line: 1,
+            column: 1,
+            severity: Severity::Error,
+            message: format!("cannot read the configuration file: {e}"),
+        }]
+    })?;
+    let base = path.parent().map_or_else(PathBuf::new, Path::to_path_buf);
+    compile(&name, &src, &EnvAndFiles { base })
+}
+
+/// Compile the text of a configuration file. Pure but for `secrets` and the
+/// name resolution of a non-literal upstream host.
+pub fn compile(
+    file: &str,
+    src: &str,
+    secrets: &dyn SecretSource,
+) -> Result<Compiled, Vec<ConfigError>> {
+    let mut cx = Cx {
+        d: Diagnostics::default(),
+        secrets,
+    };
+    let parsed = match config::parse(src) {
+        Ok(parsed) => parsed,
+        Err(located) => {
+            cx.d.push_located(Severity::Error, located);
+            return Err(cx.d.resolve(file, src));
+        }
+    };
+    let policy = cx.policy(file, parsed);
+    let has_errors = cx.d.has_errors();
+    let diagnostics = cx.d.resolve(file, src);
+    match policy {
+        Some(policy) if !has_errors => Ok(Compiled {
+            policy,
+            warnings: diagnostics,
+        }),
+        _ => Err(diagnostics),
+    }
+}
+
+struct Cx<'a> {
+    d: Diagnostics,
+    secrets: &'a dyn SecretSource,
+}
+
+const DEFAULT_TOKEN_PATH: &str = "/api/v1/auth/token";
+const DEFAULT_REFRESH_PATH: &str = "/api/v1/auth/refresh";
+const DEFAULT_REVOKE_PATH: &str = "/api/v1/auth/revoke";
+
+impl Cx<'_> {
+    fn policy(&mut self, file: &str, f: config::File) -> Option<Policy> {
+        let server = self.server(&f.server);
+        let log = self.log(&f.log);
+        let upstream = self.upstream(&f.upstream);
+        let auth = self.auth(&f.auth);
+        let jwt_keys = self.jwt_keys(&f.auth.keys, &auth);
+        let (tiers, tier_index) = self.tiers(&f.tiers);
+        let (users, users_by_id, users_by_email) = self.users(&f.users, &tier_index);
+        let (api_keys, api_keys_by_hash_prefix) = self.api_keys(
+            &f.api_keys,
+            &users,
+            &users_by_id,
+            &users_by_email,
+            &tier_index,
+        );
+        let (routes, router) = self.routes(&f.routes);
+
+        Some(Policy {
+            source: file.to_string(),
+            server: server?,
+            log,
+            upstream: upstream?,
+            auth,
+            jwt_keys: jwt_keys?,
+            tiers,
+            users,
+            api_keys,
+            routes,
+            router: router?,
+            users_by_id,
+            users_by_email,
+            api_keys_by_hash_prefix,
+        })
+    }
+
+    // ----- sections -------------------------------------------------------
+
+    fn server(&mut self, s: &config::Server) -> Option<Server> {
+        let listen = self.socket_addr(s.listen.as_ref(), "0.0.0.0:8080");
+        let admin_listen = self.socket_addr(s.admin_listen.as_ref(), "127.0.0.1:9090");
+        let threads = match &s.threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(t) if (1..=1024).contains(t.get_ref()) => *t.get_ref() as usize,
+            Some(t) => {
+                self.d.error(t.span(), "threads must be between 1 and 1024");
+                1
+            }
+        };
+        if let (Some(l), Some(a)) = (listen, admin_listen) {
+            if l.port() == a.port() && (l.ip() == a.ip() || l.ip().is_unspecified()) {
+                let span = s.admin_listen.as_ref().map_or(0..0, |a| a.span());
+                self.d.error(span, "admin_listen must differ from listen");
+            }
+        }
+        Some(Server {
+            listen: listen?,
+            admin_listen: admin_listen?,
+            threads,
+            trusted_proxies: self.ip_set(&s.trusted_proxies),
+            ip_allow: Allowlist(self.ip_set(&s.ip_allow)),
+            state_dir: PathBuf::from(
+                s.state_dir
+                    .as_ref()
+                    .map_or("./keygate-state", |d| d.get_ref().as_str()),
+            ),
+            grace_period: self.duration_or(s.grace_period.as_ref(), Duration::from_secs(10)),
+        })
+    }
+
+    fn log(&mut self, l: &config::Log) -> Log {
+        let access = match l.access.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
+            None | Some(("json", _)) => AccessLog::Json,
+            Some(("text", _)) => AccessLog::Text,
+            Some(("off", _)) => AccessLog::Off,
+            Some((other, span)) => {
+                self.d.error(
+                    span,
+                    format!("unknown access log format {other:?} (expected json, text or off)"),
+                );
+                AccessLog::Json
+            }
+        };
+        let level = l.level.as_ref().map_or("info", |l| l.get_ref().as_str());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
+            let span = l.level.as_ref().map_or(0..0, |l| l.span());
+            self.d.error(span, format!("invalid log level: {e}"));
+        }
+        Log {
+            access,
+            level: level.to_string(),
+        }
+    }
+
+    fn upstream(&mut self, u: &config::Upstream) -> Option<Upstream> {
+        let span = u.url.span();
+        let uri: http::Uri = match u.url.get_ref().parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.d.error(span, format!("invalid upstream url: {e}"));
+                return None;
+            }
+        };
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                self.d
+                    .error(span, "the upstream url must start with http:// or https://");
+                return None;
+            }
+        };
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            self.d.error(
+                span.clone(),
+                "the upstream url must not have a path: requests are forwarded with their own path",
+            );
+        }
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let addr = match host.parse::<IpAddr>() {
+            Ok(ip) => Some(SocketAddr::new(ip, port)),
+            Err(_) => match (host, port).to_socket_addrs() {
+                Ok(mut addrs) => addrs.next(),
+                Err(e) => {
+                    self.d.error(
+                        span.clone(),
+                        format!("cannot resolve upstream host {host:?}: {e}"),
+                    );
+                    return None;
+                }
+            },
+        };
+        let Some(addr) = addr else {
+            self.d
+                .error(span, format!("upstream host {host:?} has no address"));
+            return None;
+        };
+        Some(Upstream {
+            url: u.url.get_ref().clone(),
+            addr,
+            tls,
+            sni: if tls { host.to_string() } else { String::new() },
+            connect_timeout: self.duration_or(u.connect_timeout.as_ref(), Duration::from_secs(2)),
+            read_timeout: self.duration_or(u.read_timeout.as_ref(), Duration::from_secs(60)),
+            forward_credentials: u.forward_credentials,
+        })
+    }
+
+    fn auth(&mut self, a: &config::Auth) -> Auth {
+        let text = |s: &Option<Str>, default: &str| {
+            s.as_ref()
+                .map_or_else(|| default.to_string(), |s| s.get_ref().clone())
+        };
+        let default_access = match &a.default_access {
+            None => Access::Authenticated,
+            Some(s) => self.access(s).unwrap_or(Access::Authenticated),
+        };
+        let api_key_header = match &a.api_key_header {
+            None => HeaderName::from_static("x-api-key"),
+            Some(h) => match HeaderName::from_bytes(h.get_ref().as_bytes()) {
+                Ok(name) if name == http::header::AUTHORIZATION => {
+                    self.d.error(
+                        h.span(),
+                        "api_key_header cannot be Authorization (API keys are accepted there as Bearer credentials already)",
+                    );
+                    name
+                }
+                Ok(name) => name,
+                Err(_) => {
+                    self.d.error(h.span(), "not a valid header name");
+                    HeaderName::from_static("x-api-key")
+                }
+            },
+        };
+        let paths = [
+            (&a.token_path, DEFAULT_TOKEN_PATH),
+            (&a.refresh_path, DEFAULT_REFRESH_PATH),
+            (&a.revoke_path, DEFAULT_REVOKE_PATH),
+        ];
+        for (path, _) in paths {
+            if let Some(p) = path.as_ref().filter(|p| !p.get_ref().starts_with('/')) {
+                self.d.error(p.span(), "a path must start with /");
+            }
+        }
+        Auth {
+            issuer: text(&a.issuer, "keygate"),
+            audience: text(&a.audience, "api"),
+            token_ttl: self.duration_or(a.token_ttl.as_ref(), Duration::from_secs(24 * 3600)),
+            refresh_ttl: self.duration_or(a.refresh_ttl.as_ref(), Duration::from_secs(30 * 86400)),
+            leeway: self.duration_or(a.leeway.as_ref(), Duration::from_secs(60)),
+            token_path: text(&a.token_path, DEFAULT_TOKEN_PATH),
+            refresh_path: text(&a.refresh_path, DEFAULT_REFRESH_PATH),
+            revoke_path: text(&a.revoke_path, DEFAULT_REVOKE_PATH),
+            default_access,
+            api_key_header,
+        }
+    }
+
+    fn jwt_keys(
+        &mut self,
+        keys: &[config::Spanned<config::JwtKey>],
+        auth: &Auth,
+    ) -> Option<JwtKeys> {
+        let mut out = Vec::new();
+        let mut signer = None;
+        let mut kids = HashSet::new();
+        for key in keys {
+            let k = key.get_ref();
+            if k.kid.get_ref().is_empty() {
+                self.d.error(k.kid.span(), "kid must not be empty");
+            } else if !kids.insert(k.kid.get_ref().as_str()) {
+                self.d
+                    .error(k.kid.span(), format!("duplicate kid {:?}", k.kid.get_ref()));
+            }
+            if k.sign {
+                if signer.is_some() {
+                    self.d.error(
+                        key.span(),
+                        "only one [[auth.keys]] entry may have sign = true",
+                    );
+                }
+                signer = Some(out.len());
+            }
+            if let Some(compiled) = self.jwt_key(k, auth) {
+                out.push(compiled);
+            } else if k.sign {
+                signer = None;
+            }
+        }
+        if keys.is_empty() {
+            self.d.error_at_start(
+                "no [[auth.keys]]: at least one JWT key with sign = true is required",
+            );
+            return None;
+        }
+        if signer.is_none() && !keys.iter().any(|k| k.get_ref().sign) {
+            self.d.error(
+                keys[0].span(),
+                "no signing key: mark one [[auth.keys]] entry with sign = true",
+            );
+        }
+        Some(JwtKeys {
+            keys: out,
+            signer: signer?,
+        })
+    }
+
+    fn jwt_key(&mut self, k: &config::JwtKey, auth: &Auth) -> Option<JwtKey> {
+        let algorithm = match k.algorithm.get_ref().as_str() {
+            "HS256" => Algorithm::HS256,
+            "HS384" => Algorithm::HS384,
+            "HS512" => Algorithm::HS512,
+            "EdDSA" => Algorithm::EdDSA,
+            "ES256" => Algorithm::ES256,
+            "RS256" => Algorithm::RS256,
+            other => {
+                self.d.error(
+                    k.algorithm.span(),
+                    format!("unsupported algorithm {other:?} (expected HS256, HS384, HS512, EdDSA, ES256 or RS256)"),
+                );
+                return None;
+            }
+        };
+        let (decoding, encoding) = match algorithm {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                for pem in [&k.private_key_file, &k.public_key_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.d.error(
+                        pem.span(),
+                        "PEM key files are for EdDSA, ES256 and RS256; HMAC keys take secret_env, secret_file or secret",
+                    );
+                }
+                let secret = self.secret(
+                    k.kid.span(),
+                    &k.secret_env,
+                    &k.secret_file,
+                    &k.secret,
+                    "an HMAC key",
+                )?;
+                // RFC 7518 §3.2: a key at least as long as the hash output.
+                let min = match algorithm {
+                    Algorithm::HS256 => 32,
+                    Algorithm::HS384 => 48,
+                    _ => 64,
+                };
+                if secret.len() < min {
+                    self.d.error(
+                        k.kid.span(),
+                        format!(
+                            "the {:?} secret is {} bytes; {:?} needs at least {min} (RFC 7518 §3.2)",
+                            k.kid.get_ref(),
+                            secret.len(),
+                            algorithm
+                        ),
+                    );
+                    return None;
+                }
+                let keys = DecodingKey::from_secret(&secret).and_then(|d| {
+                    let e = if k.sign {
+                        Some(EncodingKey::from_secret(&secret)?)
+                    } else {
+                        None
+                    };
+                    Ok((d, e))
+                });
+                match keys {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        self.d
+                            .error(k.kid.span(), format!("unusable HMAC secret: {e}"));
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                for s in [&k.secret_env, &k.secret_file, &k.secret]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.d.error(
+                        s.span(),
+                        "asymmetric keys take public_key_file (and private_key_file to sign), not a secret",
+                    );
+                }
+                let Some(public) = &k.public_key_file else {
+                    self.d.error(
+                        k.kid.span(),
+                        "an asymmetric key needs public_key_file (PEM)",
+                    );
+                    return None;
+                };
+                let pem = self.read_file(public)?;
+                let decoding = match algorithm {
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                    Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+                    _ => DecodingKey::from_rsa_pem(&pem),
+                };
+                let decoding = match decoding {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.d.error(
+                            public.span(),
+                            format!("not a {algorithm:?} public key in PEM form: {e}"),
+                        );
+                        return None;
+                    }
+                };
+                let encoding = match (&k.private_key_file, k.sign) {
+                    (None, true) => {
+                        self.d.error(
+                            k.kid.span(),
+                            "a signing asymmetric key needs private_key_file (PEM)",
+                        );
+                        return None;
+                    }
+                    (None, false) => None,
+                    (Some(private), _) => {
+                        let pem = self.read_file(private)?;
+                        let encoding = match algorithm {
+                            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+                            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+                            _ => EncodingKey::from_rsa_pem(&pem),
+                        };
+                        match encoding {
+                            Ok(e) => Some(e),
+                            Err(e) => {
+                                self.d.error(
+                                    private.span(),
+                                    format!("not a {algorithm:?} private key in PEM form: {e}"),
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                };
+                (decoding, encoding.filter(|_| k.sign))
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        // Time claims are checked by the gate against its own clock, so that
+        // the whole decision uses one `now` and tests can inject it.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        // Absent `iss` / `aud` must fail too, not only wrong ones.
+        validation.set_required_spec_claims(&["iss", "aud"]);
+        validation.set_issuer(&[&auth.issuer]);
+        validation.set_audience(&[&auth.audience]);
+        Some(JwtKey {
+            kid: k.kid.get_ref().as_str().into(),
+            algorithm,
+            decoding,
+            encoding,
+            validation,
+        })
+    }
+
+    fn tiers(
+        &mut self,
+        tiers: &std::collections::BTreeMap<String, config::Spanned<config::Tier>>,
+    ) -> (Vec<Tier>, HashMap<String, TierIdx>) {
+        let mut out = Vec::new();
+        let mut index = HashMap::new();
+        for (name, t) in tiers {
+            let span = t.span();
+            let t = t.get_ref();
+            if !is_token(name) {
+                self.d.error(
+                    span.clone(),
+                    format!("tier name {name:?} may only use letters, digits, '-' and '_'"),
+                );
+            }
+            let rate = if t.unlimited {
+                for (field, present) in [
+                    ("limit", t.limit.is_some()),
+                    ("period", t.period.is_some()),
+                    ("burst", t.burst.is_some()),
+                ] {
+                    if present {
+                        self.d.error(
+                            span.clone(),
+                            format!("tier {name:?} is unlimited; remove {field}"),
+                        );
+                    }
+                }
+                Rate::Unlimited
+            } else {
+                let limit = match &t.limit {
+                    None => {
+                        self.d.error(
+                            span.clone(),
+                            format!("tier {name:?} needs limit (or unlimited = true)"),
+                        );
+                        NonZeroU32::MIN
+                    }
+                    Some(l) => self.count(l, "limit"),
+                };
+                let period = self.duration_or(t.period.as_ref(), Duration::from_secs(3600));
+                let burst = t.burst.as_ref().map_or(limit, |b| self.count(b, "burst"));
+                Rate::Limited {
+                    limit,
+                    period,
+                    burst,
+                }
+            };
+            index.insert(name.clone(), out.len() as TierIdx);
+            out.push(Tier {
+                name: name.as_str().into(),
+                rate,
+                header: HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("invalid")),
+            });
+        }
+        (out, index)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn users(
+        &mut self,
+        users: &[config::Spanned<config::User>],
+        tiers: &HashMap<String, TierIdx>,
+    ) -> (
+        Vec<User>,
+        HashMap<Box<str>, UserIdx>,
+        HashMap<Box<str>, UserIdx>,
+    ) {
+        let mut out = Vec::new();
+        let mut by_id = HashMap::new();
+        let mut by_email = HashMap::new();
+        for u in users {
+            let u = u.get_ref();
+            let email = u.email.get_ref().trim().to_ascii_lowercase();
+            if !email.contains('@') || HeaderValue::from_str(&email).is_err() {
+                self.d
+                    .error(u.email.span(), format!("{email:?} is not an email address"));
+            }
+            let (id, id_span) = match &u.id {
+                Some(id) => (id.get_ref().clone(), id.span()),
+                None => (email.clone(), u.email.span()),
+            };
+            if id.is_empty() || HeaderValue::from_str(&id).is_err() || id.contains(',') {
+                self.d.error(
+                    id_span.clone(),
+                    "a user id must be printable ASCII without commas",
+                );
+            }
+            let idx = out.len() as UserIdx;
+            if by_email
+                .insert(email.clone().into_boxed_str(), idx)
+                .is_some()
+            {
+                self.d
+                    .error(u.email.span(), format!("duplicate user email {email:?}"));
+            }
+            if by_id.insert(id.clone().into_boxed_str(), idx).is_some() {
+                self.d.error(id_span, format!("duplicate user id {id:?}"));
+            }
+            if let Some(hash) = &u.password_hash {
+                self.password_hash(hash);
+            }
+            let tier = self.tier_ref(&u.tier, tiers);
+            out.push(User {
+                id_header: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("")),
+                email_header: HeaderValue::from_str(&email).unwrap_or(HeaderValue::from_static("")),
+                id: id.into(),
+                email: email.into(),
+                password_hash: u
+                    .password_hash
+                    .as_ref()
+                    .map(|h| h.get_ref().as_str().into()),
+                tier,
+                permissions: self.permissions(&u.permissions),
+                ip_allow: Allowlist(self.ip_set(&u.ip_allow)),
+                disabled: u.disabled,
+                tokens_valid_after: u
+                    .tokens_valid_after
+                    .as_ref()
+                    .and_then(|t| self.timestamp(t)),
+            });
+        }
+        (out, by_id, by_email)
+    }
+
+    fn api_keys(
+        &mut self,
+        keys: &[config::Spanned<config::ApiKey>],
+        users: &[User],
+        users_by_id: &HashMap<Box<str>, UserIdx>,
+        users_by_email: &HashMap<Box<str>, UserIdx>,
+        tiers: &HashMap<String, TierIdx>,
+    ) -> (Vec<ApiKey>, HashMap<u64, super::KeyIdx>) {
+        let mut out = Vec::new();
+        let mut by_prefix: HashMap<u64, super::KeyIdx> = HashMap::new();
+        let mut ids = HashSet::new();
+        for entry in keys {
+            let span = entry.span();
+            let k = entry.get_ref();
+            let id = k.id.get_ref();
+            if id.is_empty() || HeaderValue::from_str(id).is_err() {
+                self.d
+                    .error(k.id.span(), "an API key id must be printable ASCII");
+            } else if !ids.insert(id.as_str()) {
+                self.d
+                    .error(k.id.span(), format!("duplicate API key id {id:?}"));
+            }
+            let sha256 = match decode_sha256(k.sha256.get_ref()) {
+                Some(h) => h,
+                None => {
+                    self.d.error(
+                        k.sha256.span(),
+                        "sha256 must be 64 hex digits (the SHA-256 of the whole key; `keygate new-api-key` prints it)",
+                    );
+                    [0; 32]
+                }
+            };
+            let owner = k.user.as_ref().and_then(|u| {
+                let name = u.get_ref().as_str();
+                let found = users_by_id
+                    .get(name)
+                    .or_else(|| users_by_email.get(name.to_ascii_lowercase().as_str()))
+                    .copied();
+                if found.is_none() {
+                    self.d.error(
+                        u.span(),
+                        format!("API key {id:?} names unknown user {name:?}"),
+                    );
+                }
+                found
+            });
+            let tier = match (owner, &k.tier, &k.user) {
+                (Some(o), None, _) => users[o as usize].tier,
+                (_, Some(t), Some(_)) => {
+                    self.d.error(
+                        t.span(),
+                        "a key owned by a user shares the user's tier and quota; remove tier",
+                    );
+                    0
+                }
+                (_, Some(t), None) => self.tier_ref(t, tiers),
+                (None, None, Some(_)) => 0,
+                (None, None, None) => {
+                    self.d.error(
+                        span.clone(),
+                        format!("API key {id:?} has no user, so it needs a tier"),
+                    );
+                    0
+                }
+            };
+            let permissions = match (&k.permissions, owner) {
+                (None, Some(o)) => users[o as usize].permissions.clone(),
+                (None, None) => Permissions::default(),
+                (Some(listed), None) => self.permissions(listed),
+                (Some(listed), Some(o)) => {
+                    let owner = &users[o as usize];
+                    for p in listed {
+                        if !owner.permissions.contains(p.get_ref()) {
+                            self.d.warn(
+                                p.span(),
+                                format!(
+                                    "user {:?} does not hold {:?}; the key will not have it either",
+                                    owner.id,
+                                    p.get_ref()
+                                ),
+                            );
+                        }
+                    }
+                    self.permissions(listed).intersect(&owner.permissions)
+                }
+            };
+            let idx = out.len() as super::KeyIdx;
+            let prefix = hash_prefix(&sha256);
+            if sha256 != [0; 32] {
+                if let Some(other) = by_prefix.insert(prefix, idx) {
+                    let other: &ApiKey = &out[other as usize];
+                    let message = if other.sha256 == sha256 {
+                        format!("API key {id:?} has the same sha256 as {:?}", other.id)
+                    } else {
+                        format!(
+                            "API keys {id:?} and {:?} share the first 8 bytes of their hash; regenerate one",
+                            other.id
+                        )
+                    };
+                    self.d.error(k.sha256.span(), message);
+                }
+            }
+            out.push(ApiKey {
+                id_header: HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("")),
+                id: id.as_str().into(),
+                sha256,
+                owner,
+                tier,
+                permissions,
+                ip_allow: Allowlist(self.ip_set(&k.ip_allow)),
+                expires_at: k.expires_at.as_ref().and_then(|t| self.timestamp(t)),
+                disabled: k.disabled,
+            });
+        }
+        (out, by_prefix)
+    }
+
+    fn routes(
+        &mut self,
+        routes: &[config::Spanned<config::Route>],
+    ) -> (Vec<Route>, Option<Router>) {
+        let mut out = Vec::new();
+        for entry in routes {
+            let r = entry.get_ref();
+            if !r.path.get_ref().starts_with('/') {
+                self.d
+                    .error(r.path.span(), "a route path must start with /");
+            }
+            let methods = r.methods.as_ref().map(|ms| {
+                if ms.is_empty() {
+                    self.d.error(
+                        entry.span(),
+                        "methods = [] matches nothing; leave it out to match every method",
+                    );
+                }
+                ms.iter()
+                    .filter_map(|m| {
+                        let upper = m.get_ref().to_ascii_uppercase();
+                        match Method::from_bytes(upper.as_bytes()) {
+                            Ok(method) => Some(method),
+                            Err(_) => {
+                                self.d
+                                    .error(m.span(), format!("invalid method {:?}", m.get_ref()));
+                                None
+                            }
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let access = r
+                .access
+                .as_ref()
+                .map_or(Some(Access::Authenticated), |a| self.access(a))
+                .unwrap_or(Access::Authenticated);
+            if access != Access::Authenticated && !r.permissions.is_empty() {
+                self.d.error(
+                    r.permissions[0].span(),
+                    format!(
+                        "permissions only apply to authenticated routes; this route is {}",
+                        access.as_str()
+                    ),
+                );
+            }
+            for p in &r.permissions {
+                self.permission_name(p);
+            }
+            out.push(Route {
+                pattern: r.path.get_ref().as_str().into(),
+                methods,
+                access,
+                permissions: r
+                    .permissions
+                    .iter()
+                    .map(|p| p.get_ref().as_str().into())
+                    .collect(),
+            });
+        }
+        let specs: Vec<RouteSpec<'_>> = out
+            .iter()
+            .map(|r| RouteSpec {
+                pattern: &r.pattern,
+                methods: r.methods.as_deref(),
+            })
+            .collect();
+        match Router::build(&specs) {
+            Ok(router) => (out, Some(router)),
+            Err(errors) => {
+                for e in errors {
+                    let (RouteError::Invalid { route, message }
+                    | RouteError::Conflict { route, message }) = e;
+                    self.d.error(routes[route].get_ref().path.span(), message);
+                }
+                (out, None)
+            }
+        }
+    }
+
+    // ----- values ---------------------------------------------------------
+
+    fn access(&mut self, s: &Str) -> Option<Access> {
+        match s.get_ref().as_str() {
+            "public" => Some(Access::Public),
+            "authenticated" => Some(Access::Authenticated),
+            "deny" => Some(Access::Deny),
+            other => {
+                self.d.error(
+                    s.span(),
+                    format!("unknown access {other:?} (expected public, authenticated or deny)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn tier_ref(&mut self, name: &Str, tiers: &HashMap<String, TierIdx>) -> TierIdx {
+        match tiers.get(name.get_ref()) {
+            Some(idx) => *idx,
+            None => {
+                let mut known: Vec<&str> = tiers.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                self.d.error(
+                    name.span(),
+                    format!(
+                        "unknown tier {:?} (defined: {})",
+                        name.get_ref(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                0
+            }
+        }
+    }
+
+    fn permissions(&mut self, names: &[Str]) -> Permissions {
+        for p in names {
+            self.permission_name(p);
+        }
+        Permissions::new(names.iter().map(|p| p.get_ref().as_str().into()).collect())
+    }
+
+    fn permission_name(&mut self, p: &Str) {
+        let name = p.get_ref();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+            self.d.error(
+                p.span(),
+                format!("permission {name:?} must be printable ASCII without spaces or commas"),
+            );
+        }
+    }
+
+    fn password_hash(&mut self, hash: &Str) {
+        match argon2::PasswordHash::new(hash.get_ref()) {
+            Ok(parsed) if parsed.algorithm.as_str() == "argon2id" => {}
+            Ok(parsed) => self.d.error(
+                hash.span(),
+                format!(
+                    "password_hash uses {}; keygate accepts argon2id (`keygate hash-password` makes one)",
+                    parsed.algorithm
+                ),
+            ),
+            Err(e) => self.d.error(
+                hash.span(),
+                format!("password_hash is not a PHC string ({e}); `keygate hash-password` makes one"),
+            ),
+        }
+    }
+
+    fn count(&mut self, n: &config::Spanned<i64>, what: &str) -> NonZeroU32 {
+        u32::try_from(*n.get_ref())
+            .ok()
+            .and_then(NonZeroU32::new)
+            .unwrap_or_else(|| {
+                self.d.error(
+                    n.span(),
+                    format!("{what} must be between 1 and {}", u32::MAX),
+                );
+                NonZeroU32::MIN
+            })
+    }
+
+    fn socket_addr(&mut self, s: Option<&Str>, default: &str) -> Option<SocketAddr> {
+        let Some(s) = s else {
+            return default.parse().ok();
+        };
+        match s.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.d.error(
+                    s.span(),
+                    format!(
+                        "{:?} is not an address:port like 127.0.0.1:8080",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration_or(&mut self, s: Option<&Str>, default: Duration) -> Duration {
+        let Some(s) = s else { return default };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.d
+                    .error(s.span(), "a duration must be longer than zero");
+                default
+            }
+            Err(e) => {
+                self.d.error(
+                    s.span(),
+                    format!(
+                        "{:?} is not a duration like \"90s\", \"15m\", \"24h\" or \"30d\": {e}",
+                        s.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn timestamp(&mut self, s: &Str) -> Option<u64> {
+        match humantime::parse_rfc3339_weak(s.get_ref()) {
+            Ok(t) => Some(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
+            Err(e) => {
+                self.d.error(
+                    s.span(),
+                    format!(
+                        "{:?} is not an RFC 3339 time like 2024-06-01T00:00:00Z: {e}",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn ip_set(&mut self, list: &[Str]) -> IpSet {
+        let nets = list
+            .iter()
+            .filter_map(|s| {
+                let text = s.get_ref().trim();
+                let net = text
+                    .parse::<IpNet>()
+                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+                match net {
+                    Ok(net) => Some(net),
+                    Err(_) => {
+                        self.d.error(
+                            s.span(),
+                            format!("{text:?} is not an address or CIDR like 10.0.0.0/8"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect();
+        IpSet::new(nets)
+    }
+
+    /// Exactly one of `*_env`, `*_file` or an inline value; inline warns.
+    fn secret(
+        &mut self,
+        owner: std::ops::Range<usize>,
+        env: &Option<Str>,
+        file: &Option<Str>,
+        inline: &Option<Str>,
+        what: &str,
+    ) -> Option<Vec<u8>> {
+        let given: Vec<&Str> = [env, file, inline].into_iter().flatten().collect();
+        if given.len() > 1 {
+            self.d.error(
+                given[1].span(),
+                format!("{what} takes one of secret_env, secret_file or secret, not several"),
+            );
+            return None;
+        }
+        if let Some(name) = env {
+            return match self.secrets.env(name.get_ref()) {
+                Ok(v) if !v.is_empty() => Some(v.into_bytes()),
+                Ok(_) => {
+                    self.d.error(
+                        name.span(),
+                        format!("environment variable {} is empty", name.get_ref()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.d.error(name.span(), e);
+                    None
+                }
+            };
+        }
+        if let Some(path) = file {
+            // A trailing newline from `echo > file` is not part of the secret.
+            return self.read_file(path).map(|mut v| {
+                while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    v.pop();
+                }
+                v
+            });
+        }
+        if let Some(value) = inline {
+            self.d.warn(
+                value.span(),
+                "inline secret: anyone who can read this file can forge tokens; prefer secret_env or secret_file",
+            );
+            return Some(value.get_ref().as_bytes().to_vec());
+        }
+        self.d.error(
+            owner,
+            format!("{what} needs secret_env, secret_file or secret"),
+        );
+        None
+    }
+
+    fn read_file(&mut self, path: &Str) -> Option<Vec<u8>> {
+        match self.secrets.file(Path::new(path.get_ref())) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.d.error(path.span(), e);
+                None
+            }
+        }
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn decode_sha256(hex_text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_text.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+pub fn hash_prefix(hash: &[u8; 32]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// Seconds since the Unix epoch, for callers that have no clock of their own.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,335 @@
+//! The compiled policy: everything a request needs, validated and indexed
+//! once, with no serde types and nothing left to parse on the hot path.
+//! [`compile`] is the one conversion from `config::File`; [`PolicyStore`] is
+//! the one `ArcSwap` through which requests see the current policy.
+
+mod compile;
+mod ip;
+pub mod router;
+mod store;
+#[cfg(test)]
+pub mod testing;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+
+pub use compile::{compile, compile_file, hash_prefix, unix_now, Compiled};
+pub use ip::{Allowlist, IpSet};
+pub use router::{RouteIdx, Router};
+pub use store::{PolicyStore, ReloadOutcome};
+
+pub type UserIdx = u32;
+pub type KeyIdx = u32;
+pub type TierIdx = u32;
+
+#[derive(Debug)]
+pub struct Policy {
+    /// The file it came from, for messages.
+    pub source: String,
+    pub server: Server,
+    pub log: Log,
+    pub upstream: Upstream,
+    pub auth: Auth,
+    pub jwt_keys: JwtKeys,
+    pub tiers: Vec<Tier>,
+    pub users: Vec<User>,
+    pub api_keys: Vec<ApiKey>,
+    pub routes: Vec<Route>,
+    pub router: Router,
+    users_by_id: HashMap<Box<str>, UserIdx>,
+    users_by_email: HashMap<Box<str>, UserIdx>,
+    /// First eight bytes of each key's SHA-256; the whole hash is then
+    /// compared in constant time (see `gate::credential`).
+    api_keys_by_hash_prefix: HashMap<u64, KeyIdx>,
+}
+
+impl Policy {
+    pub fn user_by_id(&self, id: &str) -> Option<(UserIdx, &User)> {
+        let idx = *self.users_by_id.get(id)?;
+        Some((idx, &self.users[idx as usize]))
+    }
+
+    /// Emails are matched without regard to ASCII case.
+    pub fn user_by_email(&self, email: &str) -> Option<(UserIdx, &User)> {
+        let idx = match self.users_by_email.get(email) {
+            Some(idx) => *idx,
+            None => *self
+                .users_by_email
+                .get(email.to_ascii_lowercase().as_str())?,
+        };
+        Some((idx, &self.users[idx as usize]))
+    }
+
+    /// The key whose SHA-256 starts with `prefix` (the caller checks the rest).
+    pub fn api_key_by_hash_prefix(&self, prefix: u64) -> Option<(KeyIdx, &ApiKey)> {
+        let idx = *self.api_keys_by_hash_prefix.get(&prefix)?;
+        Some((idx, &self.api_keys[idx as usize]))
+    }
+
+    pub fn user(&self, idx: UserIdx) -> &User {
+        &self.users[idx as usize]
+    }
+
+    pub fn api_key(&self, idx: KeyIdx) -> &ApiKey {
+        &self.api_keys[idx as usize]
+    }
+
+    pub fn tier(&self, idx: TierIdx) -> &Tier {
+        &self.tiers[idx as usize]
+    }
+
+    pub fn route(&self, idx: RouteIdx) -> &Route {
+        &self.routes[idx as usize]
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            users: self.users.len(),
+            api_keys: self.api_keys.len(),
+            routes: self.routes.len(),
+            tiers: self.tiers.len(),
+            jwt_keys: self.jwt_keys.keys.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub users: usize,
+    pub api_keys: usize,
+    pub routes: usize,
+    pub tiers: usize,
+    pub jwt_keys: usize,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} users, {} api keys, {} routes, {} tiers, {} jwt keys",
+            self.users, self.api_keys, self.routes, self.tiers, self.jwt_keys
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub trusted_proxies: IpSet,
+    pub ip_allow: Allowlist,
+    pub state_dir: PathBuf,
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Json,
+    Text,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub access: AccessLog,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The URL as written, for messages.
+    pub url: String,
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// Host name for TLS SNI (empty for plain HTTP).
+    pub sni: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub forward_credentials: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    Authenticated,
+    Deny,
+}
+
+impl Access {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Public => "public",
+            Access::Authenticated => "authenticated",
+            Access::Deny => "deny",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub issuer: String,
+    pub audience: String,
+    pub token_ttl: Duration,
+    pub refresh_ttl: Duration,
+    pub leeway: Duration,
+    pub token_path: String,
+    pub refresh_path: String,
+    pub revoke_path: String,
+    pub default_access: Access,
+    pub api_key_header: HeaderName,
+}
+
+pub struct JwtKey {
+    pub kid: Box<str>,
+    pub algorithm: Algorithm,
+    pub decoding: DecodingKey,
+    /// Present on the signing key.
+    pub encoding: Option<EncodingKey>,
+    /// `iss`, `aud` and the one algorithm; time claims are checked by the
+    /// gate against its own clock.
+    pub validation: Validation,
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("signs", &self.encoding.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub struct JwtKeys {
+    pub keys: Vec<JwtKey>,
+    /// Index of the key with `sign = true`.
+    pub signer: usize,
+}
+
+impl JwtKeys {
+    /// The key a token names by `kid`; a token without `kid` is accepted only
+    /// when there is exactly one key.
+    pub fn for_kid(&self, kid: Option<&str>) -> Option<&JwtKey> {
+        match kid {
+            Some(kid) => self.keys.iter().find(|k| &*k.kid == kid),
+            None if self.keys.len() == 1 => self.keys.first(),
+            None => None,
+        }
+    }
+
+    pub fn signer(&self) -> &JwtKey {
+        &self.keys[self.signer]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    Limited {
+        limit: NonZeroU32,
+        period: Duration,
+        burst: NonZeroU32,
+    },
+    Unlimited,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: Box<str>,
+    pub rate: Rate,
+    pub header: HeaderValue,
+}
+
+/// A sorted set of permission names, with its header form rendered once.
+#[derive(Debug, Clone, Default)]
+pub struct Permissions {
+    names: Box<[Box<str>]>,
+    header: Option<HeaderValue>,
+}
+
+impl Permissions {
+    pub fn new(mut names: Vec<Box<str>>) -> Permissions {
+        names.sort();
+        names.dedup();
+        let joined = names.join(",");
+        Permissions {
+            header: HeaderValue::from_str(&joined).ok(),
+            names: names.into_boxed_slice(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names
+            .binary_search_by(|n| n.as_ref().cmp(name))
+            .is_ok()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(|n| n.as_ref())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The comma-separated form sent upstream as `X-Auth-Permissions`.
+    pub fn header(&self) -> &HeaderValue {
+        static EMPTY: HeaderValue = HeaderValue::from_static("");
+        self.header.as_ref().unwrap_or(&EMPTY)
+    }
+
+    pub fn intersect(&self, other: &Permissions) -> Permissions {
+        Permissions::new(
+            self.iter()
+                .filter(|p| other.contains(p))
+                .map(Into::into)
+                .collect(),
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: Box<str>,
+    pub email: Box<str>,
+    pub password_hash: Option<Box<str>>,
+    pub tier: TierIdx,
+    pub permissions: Permissions,
+    pub ip_allow: Allowlist,
+    pub disabled: bool,
+    /// Unix seconds; tokens with an earlier `iat` are refused.
+    pub tokens_valid_after: Option<u64>,
+    pub id_header: HeaderValue,
+    pub email_header: HeaderValue,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: Box<str>,
+    pub sha256: [u8; 32],
+    pub owner: Option<UserIdx>,
+    /// The owner's tier for an owned key.
+    pub tier: TierIdx,
+    /// Effective: for an owned key, never more than the owner's.
+    pub permissions: Permissions,
+    pub ip_allow: Allowlist,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+    pub disabled: bool,
+    pub id_header: HeaderValue,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub pattern: Box<str>,
+    pub methods: Option<Vec<Method>>,
+    pub access: Access,
+    pub permissions: Box<[Box<str>]>,
+}

@@ -1,0 +1,101 @@
+//! The one place the running policy lives. Requests call [`PolicyStore::load`]
+//! once and keep that snapshot for their whole life; a reload compiles a new
+//! policy off the request path and publishes it with a single store, so no
+//! request ever sees half of one and half of another.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use super::{compile_file, Counts, Policy};
+use crate::config::ConfigError;
+
+pub struct PolicyStore {
+    current: ArcSwap<Policy>,
+    path: PathBuf,
+    /// Serialises reloads; requests never take it.
+    reloading: std::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    Applied {
+        counts: Counts,
+        warnings: Vec<ConfigError>,
+        /// Settings that only take effect on restart and were changed.
+        needs_restart: Vec<&'static str>,
+        at: SystemTime,
+    },
+    Rejected {
+        errors: Vec<ConfigError>,
+    },
+}
+
+impl PolicyStore {
+    pub fn new(path: &Path, policy: Policy) -> PolicyStore {
+        PolicyStore {
+            current: ArcSwap::from_pointee(policy),
+            path: path.to_path_buf(),
+            reloading: std::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read, compile and publish the file again. A file with any error
+    /// changes nothing. Call it off the proxy threads: it reads files and
+    /// may resolve the upstream's name.
+    pub fn reload(&self) -> ReloadOutcome {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match compile_file(&self.path) {
+            Ok(compiled) => {
+                let old = self.current.load();
+                let needs_restart = restart_only_changes(&old, &compiled.policy);
+                let counts = compiled.policy.counts();
+                self.current.store(Arc::new(compiled.policy));
+                ReloadOutcome::Applied {
+                    counts,
+                    warnings: compiled.warnings,
+                    needs_restart,
+                    at: SystemTime::now(),
+                }
+            }
+            Err(errors) => ReloadOutcome::Rejected { errors },
+        }
+    }
+}
+
+/// Listeners, threads and the state directory are fixed at start.
+fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.server.listen != new.server.listen {
+        changed.push("server.listen");
+    }
+    if old.server.admin_listen != new.server.admin_listen {
+        changed.push("server.admin_listen");
+    }
+    if old.server.threads != new.server.threads {
+        changed.push("server.threads");
+    }
+    if old.server.state_dir != new.server.state_dir {
+        changed.push("server.state_dir");
+    }
+    if old.server.grace_period != new.server.grace_period {
+        changed.push("server.grace_period");
+    }
+    if old.log.level != new.log.level || old.log.access != new.log.access {
+        changed.push("log");
+    }
+    changed
+}

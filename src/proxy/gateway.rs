@@ -1,0 +1,385 @@
+//! The pingora `ProxyHttp` adapter. Each filter asks the pure core one
+//! question and turns the answer into headers or a response; nothing here
+//! decides anything on its own.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::gate::{self, Decision, Denial, RequestFacts};
+use crate::metrics::{method_label, status_class, METRICS};
+use crate::policy::{Policy, PolicyStore};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_AUTH_SUBJECT: HeaderName = HeaderName::from_static("x-auth-subject");
+const X_AUTH_EMAIL: HeaderName = HeaderName::from_static("x-auth-email");
+const X_AUTH_TIER: HeaderName = HeaderName::from_static("x-auth-tier");
+const X_AUTH_PERMISSIONS: HeaderName = HeaderName::from_static("x-auth-permissions");
+const X_AUTH_METHOD: HeaderName = HeaderName::from_static("x-auth-method");
+const X_AUTH_KEY_ID: HeaderName = HeaderName::from_static("x-auth-key-id");
+
+/// A client-sent request id is kept when it is this short and printable.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+pub struct Gateway {
+    pub store: Arc<PolicyStore>,
+}
+
+/// Per-request state, from the first filter to `logging`.
+pub struct Ctx {
+    started: Instant,
+    policy: Option<Arc<Policy>>,
+    request_id: HeaderValue,
+    decision: Option<Decision>,
+    /// The normalised path, when it differs from the one received.
+    rewritten_path: Option<String>,
+    /// Status and code of a response keygate wrote itself.
+    refused: Option<(u16, &'static str)>,
+    upstream_sent: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            policy: None,
+            request_id: HeaderValue::from_static(""),
+            decision: None,
+            rewritten_path: None,
+            refused: None,
+            upstream_sent: None,
+            upstream_elapsed: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let policy = self.store.load();
+        ctx.request_id = request_id(session.req_header().headers.get(X_REQUEST_ID));
+        ctx.policy = Some(policy.clone());
+
+        let raw_path = session.req_header().uri.path();
+        let path = match gate::path::normalize(raw_path) {
+            Ok(path) => path,
+            Err(why) => {
+                let denial = Denial::InvalidRequest(why);
+                respond_denial(session, ctx, &denial).await?;
+                return Ok(true);
+            }
+        };
+        let peer = peer_ip(session);
+        let decision = {
+            let req = session.req_header();
+            let facts = RequestFacts {
+                peer,
+                method: &req.method,
+                path: &path,
+                headers: &req.headers,
+            };
+            gate::decide(&policy, &facts, crate::policy::unix_now())
+        };
+        if let std::borrow::Cow::Owned(p) = path {
+            ctx.rewritten_path = Some(p);
+        }
+        let verdict = decision.verdict.clone();
+        ctx.decision = Some(decision);
+        match verdict {
+            Ok(()) => Ok(false),
+            Err(denial) => {
+                respond_denial(session, ctx, &denial).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let policy = ctx.policy.as_ref().ok_or_else(|| {
+            Error::explain(
+                ErrorType::InternalError,
+                "no policy loaded for this request",
+            )
+        })?;
+        let up = &policy.upstream;
+        let mut peer = HttpPeer::new(up.addr, up.tls, up.sni.clone());
+        peer.options.connection_timeout = Some(up.connect_timeout);
+        peer.options.read_timeout = Some(up.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (Some(policy), Some(decision)) = (ctx.policy.as_ref(), ctx.decision.as_ref()) else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "request reached upstream undecided",
+            );
+        };
+        if let Some(path) = &ctx.rewritten_path {
+            let target = match upstream.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            upstream.set_raw_path(target.as_bytes())?;
+        }
+
+        // Whatever the client sent under our names is never believed.
+        let spoofed: Vec<HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-auth-"))
+            .cloned()
+            .collect();
+        for name in &spoofed {
+            upstream.remove_header(name);
+        }
+        if !policy.upstream.forward_credentials {
+            upstream.remove_header(&AUTHORIZATION);
+            upstream.remove_header(&policy.auth.api_key_header);
+        }
+
+        if let Some(principal) = decision.principal {
+            let tier = policy.tier(principal.tier(policy));
+            upstream.insert_header(X_AUTH_SUBJECT, principal.subject(policy).clone())?;
+            if let Some(user) = principal.user {
+                upstream.insert_header(X_AUTH_EMAIL, policy.user(user).email_header.clone())?;
+            }
+            upstream.insert_header(X_AUTH_TIER, tier.header.clone())?;
+            upstream.insert_header(
+                X_AUTH_PERMISSIONS,
+                principal.permissions(policy).header().clone(),
+            )?;
+            upstream.insert_header(X_AUTH_METHOD, principal.method.header())?;
+            if let Some(key) = principal.key {
+                upstream.insert_header(X_AUTH_KEY_ID, policy.api_key(key).id_header.clone())?;
+            }
+        }
+        upstream.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+
+        // Behind a trusted proxy the chain so far is kept and the proxy
+        // appended; otherwise the client's own claims are dropped.
+        let peer = peer_ip(session);
+        if policy.server.trusted_proxies.contains(peer) {
+            let chain = session
+                .req_header()
+                .headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let value = if chain.is_empty() {
+                peer.to_string()
+            } else {
+                format!("{chain}, {peer}")
+            };
+            upstream.insert_header(X_FORWARDED_FOR, value)?;
+            if upstream.headers.get(X_FORWARDED_PROTO).is_none() {
+                upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+            }
+        } else {
+            upstream.insert_header(X_FORWARDED_FOR, peer.to_string())?;
+            upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+        }
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (status, code, message, kind) = classify_failure(e);
+        if let Some(kind) = kind {
+            METRICS.upstream_errors.with_label_values(&[kind]).inc();
+        }
+        if status > 0 && session.response_written().is_none() {
+            ctx.refused = Some((status, code));
+            let body = gate::error_body(status, code, message, request_id_str(&ctx.request_id));
+            if let Err(write) = write_json(session, status, &ctx.request_id, None, body).await {
+                tracing::debug!(error = %write, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(ctx.refused.map_or(0, |(s, _)| s), |r| r.status.as_u16());
+        let route = match (&ctx.policy, ctx.decision.as_ref().and_then(|d| d.route)) {
+            (Some(policy), Some(r)) => &*policy.route(r).pattern,
+            _ => "unmatched",
+        };
+        let elapsed = ctx.started.elapsed();
+        METRICS
+            .requests
+            .with_label_values(&[
+                route,
+                method_label(&session.req_header().method),
+                status_class(status),
+            ])
+            .inc();
+        METRICS
+            .request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        if let Some(up) = ctx.upstream_elapsed {
+            METRICS
+                .upstream_duration
+                .with_label_values(&[route])
+                .observe(up.as_secs_f64());
+        }
+    }
+}
+
+fn peer_ip(session: &Session) -> IpAddr {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical())
+}
+
+/// The client's `X-Request-Id` when it is sane, else a fresh random one.
+fn request_id(sent: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = sent {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(u8::is_ascii_graphic) {
+            return v.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn request_id_str(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("-")
+}
+
+async fn respond_denial(session: &mut Session, ctx: &mut Ctx, denial: &Denial) -> Result<()> {
+    let status = denial.status();
+    METRICS
+        .auth_denials
+        .with_label_values(&[denial.code()])
+        .inc();
+    ctx.refused = Some((status, denial.code()));
+    let body = gate::error_body(
+        status,
+        denial.code(),
+        &denial.message(),
+        request_id_str(&ctx.request_id),
+    );
+    write_json(session, status, &ctx.request_id, denial.challenge(), body).await
+}
+
+async fn write_json(
+    session: &mut Session,
+    status: u16,
+    request_id: &HeaderValue,
+    challenge: Option<String>,
+    body: Vec<u8>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(5))?;
+    resp.insert_header(CONTENT_TYPE, "application/json")?;
+    resp.insert_header(CONTENT_LENGTH, body.len())?;
+    resp.insert_header(CACHE_CONTROL, "no-store")?;
+    resp.insert_header(X_REQUEST_ID, request_id.clone())?;
+    if let Some(challenge) = challenge {
+        resp.insert_header(WWW_AUTHENTICATE, challenge)?;
+    }
+    // The unread request body (if any) makes the connection unsafe to reuse.
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// Status, code, message and metric kind for a failure pingora reports.
+fn classify_failure(e: &Error) -> (u16, &'static str, &'static str, Option<&'static str>) {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (_, HTTPStatus(code)) if (400..500).contains(code) => (
+            *code,
+            "invalid_request",
+            "the request could not be read",
+            None,
+        ),
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => (0, "", "", None),
+        (ErrorSource::Downstream, ReadTimedout) => (
+            408,
+            "invalid_request",
+            "the request was not received in time",
+            None,
+        ),
+        (ErrorSource::Downstream, _) => (
+            400,
+            "invalid_request",
+            "the request could not be read",
+            None,
+        ),
+        (_, ConnectTimedout | ReadTimedout | WriteTimedout) => (
+            504,
+            "upstream_timeout",
+            "the upstream did not answer in time",
+            Some("timeout"),
+        ),
+        (_, ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure | SocketError) => {
+            (
+                502,
+                "upstream_unavailable",
+                "the upstream could not be reached",
+                Some("connect"),
+            )
+        }
+        (ErrorSource::Upstream, _) => (
+            502,
+            "upstream_unavailable",
+            "the upstream failed to answer",
+            Some("other"),
+        ),
+        _ => (
+            500,
+            "internal_error",
+            "keygate failed to handle the request",
+            None,
+        ),
+    }
+}

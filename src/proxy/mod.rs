@@ -1,0 +1,98 @@
+//! pingora glue: the proxy adapter, the admin listener, reload triggers and
+//! the assembly of one pingora `Server` from a policy.
+
+mod admin;
+mod gateway;
+mod reload;
+pub mod sample_upstream;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+pub use gateway::Gateway;
+pub use reload::{reload_now, Status};
+
+use crate::metrics::{record_policy, METRICS};
+use crate::policy::{Policy, PolicyStore};
+
+/// A service started beside the proxy (the demo's sample upstream).
+pub type Extra = Box<dyn FnOnce(&mut Server)>;
+
+/// Serve `policy` (compiled from `path`) until SIGTERM or SIGINT.
+pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Result<()> {
+    // SIGHUP's default action is to exit; take it over before anything can send one.
+    claim_sighup();
+
+    let server_settings = policy.server.clone();
+    record_policy(policy.counts(), true);
+    METRICS.config_last_reload_success.set(1);
+    let store = Arc::new(PolicyStore::new(path, policy));
+    let status = Arc::new(Status::default());
+
+    let conf = ServerConf {
+        threads: server_settings.threads,
+        // pingora waits this long after SIGTERM before stopping its runtimes;
+        // its own default (300 s) is far too long for a sidecar.
+        grace_period_seconds: Some(server_settings.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    // No pingora `Opt`: keygate's own CLI owns the command line.
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway {
+            store: store.clone(),
+        },
+        "keygate proxy",
+    );
+    proxy.add_tcp(&server_settings.listen.to_string());
+    server.add_service(proxy);
+
+    let mut admin = Service::new(
+        "keygate admin".to_string(),
+        admin::Admin {
+            store: store.clone(),
+            status: status.clone(),
+        },
+    );
+    admin.add_tcp(&server_settings.admin_listen.to_string());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "sighup reloader",
+        reload::SighupReloader { store, status },
+    ));
+    if let Some(extra) = extra {
+        extra(&mut server);
+    }
+
+    tracing::info!(
+        listen = %server_settings.listen,
+        admin = %server_settings.admin_listen,
+        threads = server_settings.threads,
+        "keygate serving"
+    );
+    server.run(RunArgs::default());
+    Ok(())
+}
+
+fn claim_sighup() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    if let Ok(rt) = runtime {
+        rt.block_on(async {
+            // The handler stays registered for the life of the process.
+            let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        });
+    }
+}
