@@ -1,0 +1,337 @@
+//! Helpers for black-box tests: a real HTTP upstream on a loopback port it
+//! picks itself, the real `keygate` binary in front of it, and an HTTP client.
+#![allow(dead_code, unused_imports)]
+
+pub mod upstream;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use upstream::Upstream;
+
+pub const HS_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A running keygate. Killed on drop; its stderr is kept for failure messages.
+pub struct Keygate {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Keygate {
+    /// Start keygate on `config`, in which `{listen}`, `{admin}`, `{upstream}`,
+    /// `{keys}` and `{state}` are filled in. Waits until `/healthz` answers.
+    pub fn start(config: &str, upstream_port: u16) -> Keygate {
+        Self::start_with_env(config, upstream_port, &[])
+    }
+
+    pub fn start_with_env(config: &str, upstream_port: u16, env: &[(&str, &str)]) -> Keygate {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let admin_port = free_port();
+        let text = config
+            .replace("{listen}", &format!("127.0.0.1:{port}"))
+            .replace("{admin}", &format!("127.0.0.1:{admin_port}"))
+            .replace("{upstream}", &format!("http://127.0.0.1:{upstream_port}"))
+            .replace("{keys}", &fixture("keys").display().to_string())
+            .replace("{state}", &dir.path().join("state").display().to_string());
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, text).expect("write config");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&path)
+            .env("KEYGATE_TEST_HS", HS_SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start keygate");
+        let mut kg = Keygate {
+            child,
+            dir,
+            port,
+            admin_port,
+        };
+        kg.wait_healthy();
+        kg
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = client();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("keygate exited with {status}:\n{}", self.stderr());
+            }
+            let admin = client.get(self.admin("/healthz")).send();
+            let public = std::net::TcpStream::connect(("127.0.0.1", self.port));
+            if admin.is_ok_and(|r| r.status() == 200) && public.is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("keygate did not become healthy:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("keygate.toml")
+    }
+
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("stderr.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// The value of one sample line of `/metrics`, e.g.
+    /// `keygate_auth_denials_total{code="invalid_token"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = client()
+            .get(self.admin("/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .expect("scrape metrics");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Keygate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client")
+}
+
+/// The usual test configuration: one key of each algorithm family, the seed's
+/// three tiers, users and keys of each kind, and routes of each access.
+pub fn config() -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_listen = "{{admin}}"
+threads = 2
+trusted_proxies = ["127.0.0.2/32"]
+state_dir = "{{state}}"
+grace_period = "1s"
+
+[log]
+access = "off"
+
+[upstream]
+url = "{{upstream}}"
+connect_timeout = "1s"
+read_timeout = "2s"
+
+[auth]
+issuer = "keygate"
+audience = "api"
+
+[[auth.keys]]
+kid = "hs-1"
+algorithm = "HS256"
+secret_env = "KEYGATE_TEST_HS"
+sign = true
+
+[[auth.keys]]
+kid = "ed-1"
+algorithm = "EdDSA"
+public_key_file = "{{keys}}/ed25519.pub.pem"
+
+[[auth.keys]]
+kid = "es-1"
+algorithm = "ES256"
+public_key_file = "{{keys}}/es256.pub.pem"
+
+[[auth.keys]]
+kid = "rs-1"
+algorithm = "RS256"
+public_key_file = "{{keys}}/rs256.pub.pem"
+
+[tiers.free]
+limit = 100
+period = "1h"
+[tiers.pro]
+limit = 1000
+period = "1h"
+[tiers.enterprise]
+unlimited = true
+
+[[users]]
+email = "alice@example.com"
+id = "u_alice"
+tier = "pro"
+permissions = ["vms:read", "vms:write"]
+
+[[users]]
+email = "bob@example.com"
+id = "u_bob"
+tier = "free"
+permissions = ["vms:read"]
+ip_allow = ["127.0.0.9/32"]
+
+[[users]]
+email = "carol@example.com"
+id = "u_carol"
+tier = "free"
+disabled = true
+
+[[api_keys]]
+id = "deploy-bot"
+sha256 = "{deploy}"
+user = "u_alice"
+permissions = ["vms:read"]
+
+[[api_keys]]
+id = "ci"
+sha256 = "{ci}"
+tier = "enterprise"
+permissions = ["vms:read", "vms:write"]
+
+[[api_keys]]
+id = "office"
+sha256 = "{office}"
+tier = "free"
+permissions = ["vms:read"]
+ip_allow = ["198.51.100.7/32"]
+
+[[routes]]
+path = "/v1/status"
+access = "public"
+
+[[routes]]
+path = "/v1/vms"
+methods = ["GET"]
+permissions = ["vms:read"]
+
+[[routes]]
+path = "/v1/vms/{{id}}"
+permissions = ["vms:read"]
+
+[[routes]]
+path = "/v1/vms/{{id}}"
+methods = ["DELETE"]
+permissions = ["vms:write"]
+
+[[routes]]
+path = "/admin/{{*rest}}"
+access = "deny"
+"#,
+        deploy = sha256_hex(KEY_DEPLOY),
+        ci = sha256_hex(KEY_CI),
+        office = sha256_hex(KEY_OFFICE),
+    )
+}
+
+pub const KEY_DEPLOY: &str = "vmc_it_deploy_0123456789";
+pub const KEY_CI: &str = "vmc_it_ci_0123456789";
+pub const KEY_OFFICE: &str = "vmc_it_office_0123456789";
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Claims valid now for `sub`, with the configured issuer and audience.
+pub fn claims(sub: &str) -> serde_json::Value {
+    let now = now();
+    serde_json::json!({
+        "sub": sub, "iss": "keygate", "aud": "api",
+        "iat": now, "nbf": now, "exp": now + 3600,
+    })
+}
+
+/// Sign with the test key `kid` (hs-1, ed-1, es-1, rs-1).
+pub fn sign(kid: &str, claims: &serde_json::Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let pem = |name: &str| std::fs::read(fixture("keys").join(name)).expect("fixture key");
+    let (alg, key) = match kid {
+        "hs-1" => (
+            Algorithm::HS256,
+            EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        ),
+        "ed-1" => (
+            Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(&pem("ed25519.pem")),
+        ),
+        "es-1" => (
+            Algorithm::ES256,
+            EncodingKey::from_ec_pem(&pem("es256.pem")),
+        ),
+        "rs-1" => (
+            Algorithm::RS256,
+            EncodingKey::from_rsa_pem(&pem("rs256.pem")),
+        ),
+        other => panic!("no test key {other}"),
+    };
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, &key.expect("key")).expect("sign")
+}
+
+pub fn token(sub: &str) -> String {
+    sign("hs-1", &claims(sub))
+}
