@@ -567,3 +567,50 @@ fn wait_until(mut ok: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn access_log_has_one_json_line_per_request_and_no_secrets() {
+    let (_upstream, kg) = start();
+    let t = token("u_alice");
+    client()
+        .get(kg.url("/v1/vms?secret=querytext"))
+        .bearer_auth(&t)
+        .send()
+        .unwrap();
+    client()
+        .get(kg.url("/v1/vms"))
+        .header("X-API-Key", KEY_DEPLOY)
+        .send()
+        .unwrap();
+    client()
+        .get(kg.url("/v1/vms"))
+        .header("X-API-Key", "vmc_wrong_key")
+        .send()
+        .unwrap();
+    wait_until(|| kg.stdout().lines().count() >= 3);
+    let log = kg.stdout();
+    for secret in [t.as_str(), KEY_DEPLOY, "vmc_wrong_key", "querytext"] {
+        assert!(!log.contains(secret), "the access log leaks {secret:?}");
+        assert!(
+            !kg.stderr().contains(secret),
+            "the diagnostic log leaks {secret:?}"
+        );
+    }
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["principal"], "u_alice");
+    assert_eq!(lines[0]["auth_method"], "jwt");
+    assert_eq!(lines[0]["route"], "/v1/vms");
+    assert_eq!(lines[0]["path"], "/v1/vms");
+    assert_eq!(lines[0]["tier"], "pro");
+    assert_eq!(lines[0]["client_ip"], "127.0.0.1");
+    assert!(lines[0]["upstream_ms"].as_f64().is_some());
+    assert_eq!(lines[1]["key_id"], "deploy-bot");
+    assert_eq!(lines[2]["status"], 401);
+    assert_eq!(lines[2]["code"], "invalid_api_key");
+    assert_eq!(lines[2]["principal"], Value::Null);
+}

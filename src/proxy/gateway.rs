@@ -15,6 +15,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use super::access_log;
 use crate::gate::{self, Decision, Denial, RequestFacts};
 use crate::metrics::{method_label, status_class, METRICS};
 use crate::policy::{Policy, PolicyStore};
@@ -244,18 +245,18 @@ impl ProxyHttp for Gateway {
         let status = session
             .response_written()
             .map_or(ctx.refused.map_or(0, |(s, _)| s), |r| r.status.as_u16());
-        let route = match (&ctx.policy, ctx.decision.as_ref().and_then(|d| d.route)) {
-            (Some(policy), Some(r)) => &*policy.route(r).pattern,
-            _ => "unmatched",
-        };
         let elapsed = ctx.started.elapsed();
+        let Some(policy) = ctx.policy.as_deref() else {
+            return;
+        };
+        let decision = ctx.decision.as_ref();
+        let route = decision
+            .and_then(|d| d.route)
+            .map_or("unmatched", |r| &*policy.route(r).pattern);
+        let method = method_label(&session.req_header().method);
         METRICS
             .requests
-            .with_label_values(&[
-                route,
-                method_label(&session.req_header().method),
-                status_class(status),
-            ])
+            .with_label_values(&[route, method, status_class(status)])
             .inc();
         METRICS
             .request_duration
@@ -267,6 +268,36 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[route])
                 .observe(up.as_secs_f64());
         }
+
+        if policy.log.access == crate::policy::AccessLog::Off {
+            return;
+        }
+        let principal = decision.and_then(|d| d.principal);
+        let path = ctx
+            .rewritten_path
+            .as_deref()
+            .unwrap_or_else(|| session.req_header().uri.path());
+        access_log::write(
+            policy.log.access,
+            &access_log::Entry {
+                time: access_log::now(),
+                request_id: request_id_str(&ctx.request_id),
+                client_ip: decision.map(|d| d.client_ip),
+                method: session.req_header().method.as_str(),
+                path,
+                route,
+                status,
+                principal: principal.map(|p| p.subject_str(policy)),
+                auth_method: principal.map(|p| p.method.as_str()),
+                key_id: principal
+                    .and_then(|p| p.key)
+                    .map(|k| &*policy.api_key(k).id),
+                tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
+                code: ctx.refused.map(|(_, code)| code),
+                upstream_ms: ctx.upstream_elapsed.map(access_log::ms),
+                total_ms: access_log::ms(elapsed),
+            },
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! pingora glue: the proxy adapter, the admin listener, reload triggers and
 //! the assembly of one pingora `Server` from a policy.
 
+mod access_log;
 mod admin;
 mod gateway;
 mod reload;

@@ -56,13 +56,14 @@ impl Keygate {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, text).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
         cmd.arg("run")
             .arg("-c")
             .arg(&path)
             .env("KEYGATE_TEST_HS", HS_SECRET)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
@@ -110,8 +111,17 @@ impl Keygate {
     }
 
     pub fn stderr(&self) -> String {
+        self.read_log("stderr.log")
+    }
+
+    /// The access log so far.
+    pub fn stdout(&self) -> String {
+        self.read_log("stdout.log")
+    }
+
+    fn read_log(&self, name: &str) -> String {
         let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("stderr.log")) {
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join(name)) {
             let _ = f.read_to_string(&mut s);
         }
         s
@@ -172,7 +182,7 @@ state_dir = "{{state}}"
 grace_period = "1s"
 
 [log]
-access = "off"
+access = "json"
 
 [upstream]
 url = "{{upstream}}"
