@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Loopback load comparison: wrk straight to a static nginx upstream, and
+# through keygate (JWT and API key), in interleaved rounds so machine noise
+# hits every target alike. Bounded: ROUNDS x targets x DURATION seconds.
+#
+#   benches/load.sh                 # 3 rounds of 10 s, 32 connections
+#   ROUNDS=5 DURATION=15s benches/load.sh
+#
+# Installs nginx and wrk from Debian when missing. Only 127.0.0.1 is used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-32}
+THREADS=${KEYGATE_THREADS:-1}
+
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet
+BIN=target/release/keygate
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port)
+
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+NGINX
+# The reference proxy: nginx proxy_pass, no auth, keepalive to the upstream.
+mkdir -p "$work/proxy"
+cat > "$work/proxy/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/proxy/nginx.pid;
+error_log $work/proxy/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream api { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+nginx -c "$work/proxy/nginx.conf" -p "$work/proxy" & pids+=($!)
+
+API_KEY="vmc_load_$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+KEY_SHA=$(printf %s "$API_KEY" | sha256sum | cut -d' ' -f1)
+export KEYGATE_JWT_SECRET="load-test-secret-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+cat > "$work/keygate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$KG"
+admin_listen = "127.0.0.1:$ADMIN"
+threads = $THREADS
+[log]
+access = "off"
+level = "warn"
+[upstream]
+url = "http://127.0.0.1:$UP"
+[[auth.keys]]
+kid = "load"
+algorithm = "HS256"
+secret_env = "KEYGATE_JWT_SECRET"
+sign = true
+[tiers.pro]
+limit = 1000000000
+[[users]]
+email = "load@example.com"
+id = "u_load"
+tier = "pro"
+permissions = ["vms:read"]
+[[api_keys]]
+id = "load-key"
+sha256 = "$KEY_SHA"
+user = "u_load"
+[[routes]]
+path = "/v1/vms"
+methods = ["GET"]
+permissions = ["vms:read"]
+TOML
+"$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
+
+JWT=$(python3 - "$KEYGATE_JWT_SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=")
+h = b(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "load"}).encode())
+now = int(time.time())
+c = b(json.dumps({"sub": "u_load", "iss": "keygate", "aud": "api", "iat": now, "exp": now + 7200}).encode())
+s = b(hmac.new(sys.argv[1].encode(), h + b"." + c, hashlib.sha256).digest())
+print((h + b"." + c + b"." + s).decode())
+PY
+)
+for check in "-H x-api-key:$API_KEY" "-H authorization:Bearer\ $JWT"; do
+    code=$(eval curl -s -o /dev/null -w '%{http_code}' $check "http://127.0.0.1:$KG/v1/vms")
+    [ "$code" = 200 ] || { echo "keygate answered $code during the smoke check"; cat "$work/keygate.log"; exit 1; }
+done
+
+# name|url|header
+targets=(
+  "direct|http://127.0.0.1:$UP/v1/vms|"
+  "nginx-proxy|http://127.0.0.1:$NGX/v1/vms|"
+  "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
+  "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
+)
+declare -A rps p50 p99
+for r in $(seq "$ROUNDS"); do
+  for t in "${targets[@]}"; do
+    IFS='|' read -r name url header <<<"$t"
+    args=(-t1 -c"$CONNS" -d"$DURATION" --latency)
+    [ -n "$header" ] && args+=(-H "$header")
+    out=$(wrk "${args[@]}" "$url")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    [ -z "$non2xx" ] || { echo "$name: $non2xx non-2xx answers"; exit 1; }
+    rps[$name]+="$(awk '/Requests\/sec/ {print $2}' <<<"$out") "
+    p50[$name]+="$(awk '$1=="50%" {print $2}' <<<"$out") "
+    p99[$name]+="$(awk '$1=="99%" {print $2}' <<<"$out") "
+  done
+done
+
+python3 - "$ROUNDS" "${rps[direct]}" "${rps[nginx-proxy]}" "${rps[keygate-jwt]}" "${rps[keygate-apikey]}" \
+  "${p50[direct]}" "${p50[nginx-proxy]}" "${p50[keygate-jwt]}" "${p50[keygate-apikey]}" \
+  "${p99[direct]}" "${p99[nginx-proxy]}" "${p99[keygate-jwt]}" "${p99[keygate-apikey]}" <<'PY'
+import statistics, sys
+names = ["direct", "nginx-proxy", "keygate-jwt", "keygate-apikey"]
+def ms(v):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+a = sys.argv[2:]
+rps = {n: statistics.median(float(x) for x in a[i].split()) for i, n in enumerate(names)}
+k = len(names)
+p50 = {n: statistics.median(ms(x) for x in a[k + i].split()) for i, n in enumerate(names)}
+p99 = {n: statistics.median(ms(x) for x in a[2 * k + i].split()) for i, n in enumerate(names)}
+print(f"median of {sys.argv[1]} interleaved rounds; wrk -t1, keygate 1 thread, nginx 1 worker")
+print("| target | req/s | p50 ms | p99 ms | vs direct | vs nginx-proxy |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for n in names:
+    print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {rps[n] / rps['direct']:.2f}x | {rps[n] / rps['nginx-proxy']:.2f}x |")
+PY
