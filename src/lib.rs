@@ -8,6 +8,8 @@ pub mod cli;
 pub mod config;
 pub mod gate;
 pub mod issue;
+pub mod limit;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod state;

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub auth_denials: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub limiter_accounts: IntGauge,
+    pub state_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
     pub config_last_reload_success_timestamp: IntGauge,
@@ -66,6 +69,23 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["kind"]
         )
         .expect("register keygate_upstream_errors_total"),
+        rate_limited: register_int_counter_vec!(
+            "keygate_rate_limited_total",
+            "Requests refused with 429 by the tier limiter, by tier.",
+            &["tier"]
+        )
+        .expect("register keygate_rate_limited_total"),
+        limiter_accounts: register_int_gauge!(
+            "keygate_limiter_accounts",
+            "Accounts whose bucket is not whole, held in memory by the limiter."
+        )
+        .expect("register keygate_limiter_accounts"),
+        state_errors: register_int_counter_vec!(
+            "keygate_state_errors_total",
+            "Failed writes to the durable state store, by operation.",
+            &["op"]
+        )
+        .expect("register keygate_state_errors_total"),
         config_reloads: register_int_counter_vec!(
             "keygate_config_reloads_total",
             "Configuration reloads, by result (success, failure).",

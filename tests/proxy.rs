@@ -493,7 +493,7 @@ fn admin_listener_serves_health_readiness_and_metrics() {
     assert_eq!(c.get(kg.admin("/healthz")).send().unwrap().status(), 200);
     let ready: Value = c.get(kg.admin("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["status"], "ready");
-    assert_eq!(ready["policy"]["users"], 3);
+    assert_eq!(ready["policy"]["users"], 4);
     assert_eq!(
         kg.metric("keygate_requests_total{method=\"GET\",route=\"/v1/status\",status=\"2xx\"}"),
         1.0

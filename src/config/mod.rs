@@ -150,6 +150,7 @@ pub struct Route {
     pub access: Option<Str>,
     #[serde(default)]
     pub permissions: Vec<Str>,
+    pub rate_tier: Option<Str>,
 }
 
 /// Parse the text of a configuration file into its serde form. Syntax and type

@@ -17,6 +17,8 @@ pub enum Denial {
     InsufficientPermissions(Box<str>),
     /// The route is `access = "deny"` (or unmatched with `default_access = "deny"`).
     Forbidden,
+    /// The account's tier quota is used up; the decision's `rate` says until when.
+    RateLimited,
 }
 
 impl Denial {
@@ -28,6 +30,7 @@ impl Denial {
             | Denial::TokenExpired
             | Denial::InvalidApiKey(_) => 401,
             Denial::IpNotAllowed | Denial::InsufficientPermissions(_) | Denial::Forbidden => 403,
+            Denial::RateLimited => 429,
         }
     }
 
@@ -41,6 +44,7 @@ impl Denial {
             Denial::IpNotAllowed => "ip_not_allowed",
             Denial::InsufficientPermissions(_) => "insufficient_permissions",
             Denial::Forbidden => "forbidden",
+            Denial::RateLimited => "rate_limited",
         }
     }
 
@@ -58,6 +62,9 @@ impl Denial {
                 format!("this request needs the permission {p:?}")
             }
             Denial::Forbidden => "access to this path is forbidden".to_string(),
+            Denial::RateLimited => {
+                "the rate limit of this account's tier is exceeded; see Retry-After".to_string()
+            }
         }
     }
 

@@ -19,7 +19,8 @@ pub use credential::{extract as extract_credential, find_api_key, Credential, MA
 pub use denial::{error_body, Denial};
 pub use jwt::verify as verify_jwt;
 
-use crate::policy::{Access, KeyIdx, Permissions, Policy, RouteIdx, TierIdx, UserIdx};
+use crate::limit::{AccountId, Limiter, Outcome};
+use crate::policy::{Access, KeyIdx, Permissions, Policy, Rate, RouteIdx, TierIdx, UserIdx};
 
 /// What the gate needs to know about a request.
 pub struct RequestFacts<'a> {
@@ -93,6 +94,15 @@ impl Principal {
         }
     }
 
+    /// The limiter account: the user's (shared by its keys) or the key's own.
+    pub fn account(&self, policy: &Policy) -> AccountId {
+        match (self.key, self.user) {
+            (Some(k), _) => policy.api_key(k).account,
+            (None, Some(u)) => policy.user(u).account,
+            (None, None) => unreachable!("a principal has a user or a key"),
+        }
+    }
+
     /// The key's allowlist and its owner's both apply.
     pub fn ip_permitted(&self, policy: &Policy, ip: IpAddr) -> bool {
         self.key
@@ -111,7 +121,16 @@ pub struct Decision {
     pub route: Option<RouteIdx>,
     pub access: Access,
     pub principal: Option<Principal>,
+    /// The limiter's answer, when a limited tier applied.
+    pub rate: Option<RateInfo>,
     pub verdict: Result<(), Denial>,
+}
+
+/// The tier that limited a request and what the limiter said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateInfo {
+    pub tier: TierIdx,
+    pub outcome: Outcome,
 }
 
 impl Decision {
@@ -120,8 +139,9 @@ impl Decision {
     }
 }
 
-/// Decide one request. `now` is Unix seconds.
-pub fn decide(policy: &Policy, req: &RequestFacts<'_>, now: u64) -> Decision {
+/// Decide one request at `now_us` (µs since the Unix epoch), counting it
+/// against its account's quota when it would otherwise pass.
+pub fn decide(policy: &Policy, limiter: &Limiter, req: &RequestFacts<'_>, now_us: u64) -> Decision {
     let client_ip = client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies);
     let route = policy.router.lookup(req.method, req.path);
     let access = route.map_or(policy.auth.default_access, |r| policy.route(r).access);
@@ -130,24 +150,36 @@ pub fn decide(policy: &Policy, req: &RequestFacts<'_>, now: u64) -> Decision {
         route,
         access,
         principal: None,
+        rate: None,
         verdict: Ok(()),
     };
-    decision.verdict = judge(policy, req, now, &mut decision);
+    decision.verdict = judge(policy, limiter, req, now_us, &mut decision);
     decision
 }
 
 fn judge(
     policy: &Policy,
+    limiter: &Limiter,
     req: &RequestFacts<'_>,
-    now: u64,
+    now_us: u64,
     decision: &mut Decision,
 ) -> Result<(), Denial> {
+    let now = now_us / 1_000_000;
     if !policy.server.ip_allow.permits(decision.client_ip) {
         return Err(Denial::IpNotAllowed);
     }
     match decision.access {
         Access::Deny => return Err(Denial::Forbidden),
-        Access::Public => return Ok(()),
+        Access::Public => {
+            let tier = decision.route.and_then(|r| policy.route(r).rate_tier);
+            return match tier {
+                Some(tier) => {
+                    let account = ip_account(policy, tier, decision.client_ip);
+                    limit(policy, limiter, tier, account, now_us, decision)
+                }
+                None => Ok(()),
+            };
+        }
         Access::Authenticated => {}
     }
     let principal = match credential::extract(req.headers, &policy.auth.api_key_header)? {
@@ -180,7 +212,46 @@ fn judge(
             return Err(Denial::InsufficientPermissions(missing.clone()));
         }
     }
-    Ok(())
+    let tier = principal.tier(policy);
+    limit(
+        policy,
+        limiter,
+        tier,
+        principal.account(policy),
+        now_us,
+        decision,
+    )
+}
+
+/// Step 5: the tier's quota. Unlimited tiers never touch the limiter.
+fn limit(
+    policy: &Policy,
+    limiter: &Limiter,
+    tier: TierIdx,
+    account: AccountId,
+    now_us: u64,
+    decision: &mut Decision,
+) -> Result<(), Denial> {
+    let Rate::Limited(quota) = policy.tier(tier).rate else {
+        return Ok(());
+    };
+    let outcome = limiter.check(account, &quota, now_us);
+    decision.rate = Some(RateInfo { tier, outcome });
+    if outcome.allowed {
+        Ok(())
+    } else {
+        Err(Denial::RateLimited)
+    }
+}
+
+/// A client address's account under a public route's tier.
+fn ip_account(policy: &Policy, tier: TierIdx, ip: IpAddr) -> AccountId {
+    let mut id = String::with_capacity(64);
+    id.push_str(&policy.tier(tier).name);
+    id.push('/');
+    use std::fmt::Write;
+    let _ = write!(id, "{ip}");
+    crate::policy::account_id("ip", &id)
 }
 
 #[cfg(test)]

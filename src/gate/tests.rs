@@ -49,13 +49,14 @@ impl Req {
     fn decide_with(&self, policy: &Policy) -> Decision {
         decide(
             policy,
+            &Limiter::new(),
             &RequestFacts {
                 peer: self.peer,
                 method: &self.method,
                 path: self.path,
                 headers: &self.headers,
             },
-            NOW,
+            NOW * 1_000_000,
         )
     }
 

@@ -12,6 +12,8 @@ use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 
 use super::router::{RouteError, RouteSpec, Router};
+use crate::limit::{AccountId, Quota};
+
 use super::{
     Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Permissions, Policy,
     Rate, Route, Server, Tier, TierIdx, Upstream, User, UserIdx,
@@ -97,7 +99,7 @@ impl Cx<'_> {
             &users_by_email,
             &tier_index,
         );
-        let (routes, router) = self.routes(&f.routes);
+        let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
 
         Some(Policy {
             source: file.to_string(),
@@ -522,17 +524,23 @@ impl Cx<'_> {
                 };
                 let period = self.duration_or(t.period.as_ref(), Duration::from_secs(3600));
                 let burst = t.burst.as_ref().map_or(limit, |b| self.count(b, "burst"));
-                Rate::Limited {
-                    limit,
-                    period,
-                    burst,
-                }
+                Rate::Limited(Quota::new(limit, period, burst))
+            };
+            let policy_header = match rate {
+                Rate::Limited(q) => HeaderValue::from_str(&format!(
+                    "\"{name}\";q={};w={}",
+                    q.limit,
+                    q.period.as_secs().max(1)
+                ))
+                .ok(),
+                Rate::Unlimited => None,
             };
             index.insert(name.clone(), out.len() as TierIdx);
             out.push(Tier {
                 name: name.as_str().into(),
                 rate,
                 header: HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("invalid")),
+                policy_header,
             });
         }
         (out, index)
@@ -584,6 +592,7 @@ impl Cx<'_> {
             }
             let tier = self.tier_ref(&u.tier, tiers);
             out.push(User {
+                account: account_id("user", &id),
                 id_header: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("")),
                 email_header: HeaderValue::from_str(&email).unwrap_or(HeaderValue::from_static("")),
                 id: id.into(),
@@ -708,6 +717,7 @@ impl Cx<'_> {
                 }
             }
             out.push(ApiKey {
+                account: owner.map_or_else(|| account_id("key", id), |o| users[o as usize].account),
                 id_header: HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("")),
                 id: id.as_str().into(),
                 sha256,
@@ -725,6 +735,8 @@ impl Cx<'_> {
     fn routes(
         &mut self,
         routes: &[config::Spanned<config::Route>],
+        tiers: &HashMap<String, TierIdx>,
+        tier_list: &[Tier],
     ) -> (Vec<Route>, Option<Router>) {
         let mut out = Vec::new();
         for entry in routes {
@@ -771,7 +783,21 @@ impl Cx<'_> {
             for p in &r.permissions {
                 self.permission_name(p);
             }
+            let rate_tier = r.rate_tier.as_ref().map(|t| {
+                if access != Access::Public {
+                    self.d.error(
+                        t.span(),
+                        "rate_tier is for public routes; authenticated requests use their account's tier",
+                    );
+                }
+                let idx = self.tier_ref(t, tiers);
+                if tier_list.get(idx as usize).is_some_and(|t| t.rate == Rate::Unlimited) {
+                    self.d.warn(t.span(), format!("tier {:?} is unlimited, so this limits nothing", t.get_ref()));
+                }
+                idx
+            });
             out.push(Route {
+                rate_tier,
                 pattern: r.path.get_ref().as_str().into(),
                 methods,
                 access,
@@ -1052,6 +1078,29 @@ pub fn hash_prefix(hash: &[u8; 32]) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
     u64::from_le_bytes(first)
+}
+
+/// The limiter account of a user (`kind = "user"`), an owner-less key
+/// (`"key"`) or an address under a tier (`"ip"`): the first 128 bits of a
+/// SHA-256, so it is fixed-size, stable across restarts and never collides
+/// in practice.
+pub fn account_id(kind: &str, id: &str) -> AccountId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update([0]);
+    h.update(id.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    AccountId::from_le_bytes(first)
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Seconds since the Unix epoch, for callers that have no clock of their own.

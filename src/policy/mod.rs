@@ -12,14 +12,17 @@ pub mod testing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 
-pub use compile::{compile, compile_file, hash_prefix, unix_now, Compiled};
+use crate::limit::{AccountId, Quota};
+
+pub use compile::{
+    account_id, compile, compile_file, hash_prefix, unix_now, unix_now_us, Compiled,
+};
 pub use ip::{Allowlist, IpSet};
 pub use router::{RouteIdx, Router};
 pub use store::{PolicyStore, ReloadOutcome};
@@ -232,11 +235,7 @@ impl JwtKeys {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rate {
-    Limited {
-        limit: NonZeroU32,
-        period: Duration,
-        burst: NonZeroU32,
-    },
+    Limited(Quota),
     Unlimited,
 }
 
@@ -244,7 +243,10 @@ pub enum Rate {
 pub struct Tier {
     pub name: Box<str>,
     pub rate: Rate,
+    /// `X-Auth-Tier`.
     pub header: HeaderValue,
+    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers), for limited tiers.
+    pub policy_header: Option<HeaderValue>,
 }
 
 /// A sorted set of permission names, with its header form rendered once.
@@ -306,6 +308,8 @@ pub struct User {
     pub disabled: bool,
     /// Unix seconds; tokens with an earlier `iat` are refused.
     pub tokens_valid_after: Option<u64>,
+    /// The limiter account of the user and every key it owns.
+    pub account: AccountId,
     pub id_header: HeaderValue,
     pub email_header: HeaderValue,
 }
@@ -323,6 +327,8 @@ pub struct ApiKey {
     /// Unix seconds.
     pub expires_at: Option<u64>,
     pub disabled: bool,
+    /// The owner's account for an owned key, else the key's own.
+    pub account: AccountId,
     pub id_header: HeaderValue,
 }
 
@@ -332,4 +338,6 @@ pub struct Route {
     pub methods: Option<Vec<Method>>,
     pub access: Access,
     pub permissions: Box<[Box<str>]>,
+    /// On a public route: a tier applied per client address.
+    pub rate_tier: Option<TierIdx>,
 }

@@ -16,7 +16,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use super::access_log;
-use crate::gate::{self, Decision, Denial, RequestFacts};
+use crate::gate::{self, Decision, Denial, RateInfo, RequestFacts};
+use crate::limit::Limiter;
 use crate::metrics::{method_label, status_class, METRICS};
 use crate::policy::{Policy, PolicyStore};
 
@@ -29,12 +30,18 @@ const X_AUTH_TIER: HeaderName = HeaderName::from_static("x-auth-tier");
 const X_AUTH_PERMISSIONS: HeaderName = HeaderName::from_static("x-auth-permissions");
 const X_AUTH_METHOD: HeaderName = HeaderName::from_static("x-auth-method");
 const X_AUTH_KEY_ID: HeaderName = HeaderName::from_static("x-auth-key-id");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// A client-sent request id is kept when it is this short and printable.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 pub struct Gateway {
     pub store: Arc<PolicyStore>,
+    pub limiter: Arc<Limiter>,
 }
 
 /// Per-request state, from the first filter to `logging`.
@@ -91,7 +98,7 @@ impl ProxyHttp for Gateway {
                 path: &path,
                 headers: &req.headers,
             };
-            gate::decide(&policy, &facts, crate::policy::unix_now())
+            gate::decide(&policy, &self.limiter, &facts, crate::policy::unix_now_us())
         };
         if let std::borrow::Cow::Owned(p) = path {
             ctx.rewritten_path = Some(p);
@@ -101,6 +108,12 @@ impl ProxyHttp for Gateway {
         match verdict {
             Ok(()) => Ok(false),
             Err(denial) => {
+                if denial == Denial::RateLimited {
+                    if let Some(rate) = ctx.decision.as_ref().and_then(|d| d.rate) {
+                        let tier = &*policy.tier(rate.tier).name;
+                        METRICS.rate_limited.with_label_values(&[tier]).inc();
+                    }
+                }
                 respond_denial(session, ctx, &denial).await?;
                 Ok(true)
             }
@@ -220,6 +233,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        if let (Some(policy), Some(rate)) =
+            (&ctx.policy, ctx.decision.as_ref().and_then(|d| d.rate))
+        {
+            rate_headers(response, policy, &rate)?;
+        }
         Ok(())
     }
 
@@ -231,7 +249,8 @@ impl ProxyHttp for Gateway {
         if status > 0 && session.response_written().is_none() {
             ctx.refused = Some((status, code));
             let body = gate::error_body(status, code, message, request_id_str(&ctx.request_id));
-            if let Err(write) = write_json(session, status, &ctx.request_id, None, body).await {
+            if let Err(write) = write_json(session, status, &ctx.request_id, None, None, body).await
+            {
                 tracing::debug!(error = %write, "could not send the error response");
             }
         }
@@ -337,7 +356,42 @@ async fn respond_denial(session: &mut Session, ctx: &mut Ctx, denial: &Denial) -
         &denial.message(),
         request_id_str(&ctx.request_id),
     );
-    write_json(session, status, &ctx.request_id, denial.challenge(), body).await
+    let policy = ctx.policy.clone();
+    let rate = ctx.decision.as_ref().and_then(|d| d.rate);
+    let rate = policy.as_deref().zip(rate.as_ref());
+    write_json(
+        session,
+        status,
+        &ctx.request_id,
+        denial.challenge(),
+        rate,
+        body,
+    )
+    .await
+}
+
+/// `X-RateLimit-*`, and the IETF pair `RateLimit-Policy` / `RateLimit`
+/// (draft-ietf-httpapi-ratelimit-headers-09); on a refusal also `Retry-After`.
+fn rate_headers(resp: &mut ResponseHeader, policy: &Policy, rate: &RateInfo) -> Result<()> {
+    let o = rate.outcome;
+    let tier = policy.tier(rate.tier);
+    resp.insert_header(X_RATELIMIT_LIMIT, HeaderValue::from(o.limit))?;
+    resp.insert_header(X_RATELIMIT_REMAINING, HeaderValue::from(o.remaining))?;
+    resp.insert_header(X_RATELIMIT_RESET, HeaderValue::from(o.reset_secs))?;
+    if let Some(p) = &tier.policy_header {
+        resp.insert_header(RATELIMIT_POLICY, p.clone())?;
+    }
+    resp.insert_header(
+        RATELIMIT,
+        format!("\"{}\";r={};t={}", tier.name, o.remaining, o.reset_secs),
+    )?;
+    if !o.allowed {
+        resp.insert_header(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(o.retry_after_secs),
+        )?;
+    }
+    Ok(())
 }
 
 async fn write_json(
@@ -345,6 +399,7 @@ async fn write_json(
     status: u16,
     request_id: &HeaderValue,
     challenge: Option<String>,
+    rate: Option<(&Policy, &RateInfo)>,
     body: Vec<u8>,
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(5))?;
@@ -354,6 +409,9 @@ async fn write_json(
     resp.insert_header(X_REQUEST_ID, request_id.clone())?;
     if let Some(challenge) = challenge {
         resp.insert_header(WWW_AUTHENTICATE, challenge)?;
+    }
+    if let Some((policy, rate)) = rate {
+        rate_headers(&mut resp, policy, rate)?;
     }
     // The unread request body (if any) makes the connection unsafe to reuse.
     session.set_keepalive(None);

@@ -18,8 +18,10 @@ use pingora::services::listening::Service;
 pub use gateway::Gateway;
 pub use reload::{reload_now, Status};
 
+use crate::limit::Limiter;
 use crate::metrics::{record_policy, METRICS};
 use crate::policy::{Policy, PolicyStore};
+use crate::state::{spawn_flusher, RedbStore, StateStore};
 
 /// A service started beside the proxy (the demo's sample upstream).
 pub type Extra = Box<dyn FnOnce(&mut Server)>;
@@ -32,6 +34,8 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     let server_settings = policy.server.clone();
     record_policy(policy.counts(), true);
     METRICS.config_last_reload_success.set(1);
+    let limiter = Arc::new(Limiter::new());
+    open_state(&server_settings.state_dir, &limiter)?;
     let store = Arc::new(PolicyStore::new(path, policy));
     let status = Arc::new(Status::default());
 
@@ -51,6 +55,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
         &server.configuration,
         Gateway {
             store: store.clone(),
+            limiter,
         },
         "keygate proxy",
     );
@@ -83,6 +88,22 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
         "keygate serving"
     );
     server.run(RunArgs::default());
+    Ok(())
+}
+
+/// Open the durable store, put the limiter's saved state back, and start
+/// writing it behind. A store that cannot be opened stops the start: serving
+/// without it would hand every account a fresh quota after each restart.
+fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<()> {
+    let store = RedbStore::open(dir)
+        .map_err(|e| anyhow::anyhow!("{e} (server.state_dir = {})", dir.display()))?;
+    let saved = store
+        .load_limits()
+        .map_err(|e| anyhow::anyhow!("reading limiter state from {}: {e}", dir.display()))?;
+    let restored = limiter.restore(saved, crate::policy::unix_now_us());
+    tracing::info!(accounts = restored, state_dir = %dir.display(), "limiter state restored");
+    let store: Arc<dyn StateStore> = Arc::new(store);
+    spawn_flusher(limiter.clone(), store);
     Ok(())
 }
 

@@ -47,16 +47,42 @@ impl Keygate {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let admin_port = free_port();
+        let mut kg = Keygate {
+            child: Command::new("true").spawn().expect("placeholder process"),
+            dir,
+            port,
+            admin_port,
+        };
+        kg.write_config(config, upstream_port);
+        kg.spawn(env);
+        kg
+    }
+
+    /// Write `config` (placeholders filled) as this keygate's file.
+    pub fn write_config(&self, config: &str, upstream_port: u16) {
+        let (dir, port, admin_port) = (&self.dir, self.port, self.admin_port);
         let text = config
             .replace("{listen}", &format!("127.0.0.1:{port}"))
             .replace("{admin}", &format!("127.0.0.1:{admin_port}"))
             .replace("{upstream}", &format!("http://127.0.0.1:{upstream_port}"))
             .replace("{keys}", &fixture("keys").display().to_string())
             .replace("{state}", &dir.path().join("state").display().to_string());
+        std::fs::write(dir.path().join("keygate.toml"), text).expect("write config");
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let dir = &self.dir;
         let path = dir.path().join("keygate.toml");
-        std::fs::write(&path, text).expect("write config");
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let stdout = std::fs::File::create(dir.path().join("stdout.log")).expect("log file");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("stderr.log"))
+            .expect("log file");
+        let stdout = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("stdout.log"))
+            .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
         cmd.arg("run")
             .arg("-c")
@@ -68,15 +94,17 @@ impl Keygate {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start keygate");
-        let mut kg = Keygate {
-            child,
-            dir,
-            port,
-            admin_port,
-        };
-        kg.wait_healthy();
-        kg
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = cmd.spawn().expect("start keygate");
+        self.wait_healthy();
+    }
+
+    /// `kill -9`, then start again on the same file, ports and state directory.
+    pub fn kill9_and_restart(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+        self.spawn(&[]);
     }
 
     fn wait_healthy(&mut self) {
@@ -222,6 +250,9 @@ limit = 1000
 period = "1h"
 [tiers.enterprise]
 unlimited = true
+[tiers.anonymous]
+limit = 5
+period = "1m"
 
 [[users]]
 email = "alice@example.com"
@@ -237,6 +268,12 @@ permissions = ["vms:read"]
 ip_allow = ["127.0.0.9/32"]
 
 [[users]]
+email = "dana@example.com"
+id = "u_dana"
+tier = "free"
+permissions = ["vms:read"]
+
+[[users]]
 email = "carol@example.com"
 id = "u_carol"
 tier = "free"
@@ -247,6 +284,11 @@ id = "deploy-bot"
 sha256 = "{deploy}"
 user = "u_alice"
 permissions = ["vms:read"]
+
+[[api_keys]]
+id = "dana-key"
+sha256 = "{dana}"
+user = "dana@example.com"
 
 [[api_keys]]
 id = "ci"
@@ -280,18 +322,26 @@ methods = ["DELETE"]
 permissions = ["vms:write"]
 
 [[routes]]
+path = "/v1/signup"
+access = "public"
+rate_tier = "anonymous"
+
+[[routes]]
 path = "/admin/{{*rest}}"
 access = "deny"
 "#,
         deploy = sha256_hex(KEY_DEPLOY),
         ci = sha256_hex(KEY_CI),
         office = sha256_hex(KEY_OFFICE),
+        dana = sha256_hex(KEY_DANA),
     )
 }
 
 pub const KEY_DEPLOY: &str = "vmc_it_deploy_0123456789";
 pub const KEY_CI: &str = "vmc_it_ci_0123456789";
 pub const KEY_OFFICE: &str = "vmc_it_office_0123456789";
+/// Owned by dana, a free-tier user.
+pub const KEY_DANA: &str = "vmc_it_dana_0123456789";
 
 pub fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
