@@ -74,7 +74,7 @@ fn check_accepts_the_example_and_prints_a_summary() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("OK: 2 users, 3 api keys, 6 routes, 3 tiers, 1 jwt keys"),
+        stdout.contains("OK: 2 users, 3 api keys, 6 routes, 4 tiers, 1 jwt keys"),
         "{stdout}"
     );
     // The demo keys are public: check says so.

@@ -487,3 +487,105 @@ fn token_claims_of_the_wrong_type_are_refused() {
     c["sub"] = json!(42);
     assert_eq!(jwt_code(&sign("hs", &c)), "invalid_token");
 }
+
+// ----- tier limits --------------------------------------------------------
+
+fn decide_shared(r: &Req, policy: &Policy, limiter: &Limiter) -> Decision {
+    decide(
+        policy,
+        limiter,
+        &RequestFacts {
+            peer: r.peer,
+            method: &r.method,
+            path: r.path,
+            headers: &r.headers,
+        },
+        NOW * 1_000_000,
+    )
+}
+
+#[test]
+fn tier_limit_is_the_last_step_and_shared_by_a_user_and_its_keys() {
+    let policy = testing::policy();
+    let limiter = Limiter::new();
+    // alice is pro (1000/h); deploy-bot is hers.
+    let jwt = get_vms().bearer(&token("hs", "u_alice"));
+    let key = get_vms().header("x-api-key", testing::KEY_DEPLOY);
+    let mut passed = 0;
+    for i in 0..1100 {
+        let r = if i % 2 == 0 { &jwt } else { &key };
+        let d = decide_shared(r, &policy, &limiter);
+        let rate = d.rate.expect("a limited tier reports its rate");
+        assert_eq!(policy.tier(rate.tier).name.as_ref(), "pro");
+        if d.allowed() {
+            passed += 1;
+        } else {
+            assert_eq!(d.verdict, Err(Denial::RateLimited));
+            assert_eq!(d.verdict.as_ref().unwrap_err().status(), 429);
+        }
+    }
+    assert_eq!(passed, 1000);
+}
+
+#[test]
+fn refused_requests_do_not_spend_quota() {
+    let policy = testing::policy();
+    let limiter = Limiter::new();
+    let wrong = req(Method::DELETE, "/v1/vms/1").header("x-api-key", testing::KEY_DEPLOY);
+    for _ in 0..2000 {
+        let d = decide_shared(&wrong, &policy, &limiter);
+        assert_eq!(
+            d.verdict,
+            Err(Denial::InsufficientPermissions("vms:write".into()))
+        );
+        assert_eq!(d.rate, None);
+    }
+    assert!(limiter.is_empty());
+}
+
+#[test]
+fn unlimited_tier_never_touches_the_limiter() {
+    let policy = testing::policy();
+    let limiter = Limiter::new();
+    for _ in 0..50 {
+        let d = decide_shared(
+            &get_vms().header("x-api-key", testing::KEY_CI),
+            &policy,
+            &limiter,
+        );
+        assert!(d.allowed());
+        assert_eq!(d.rate, None);
+    }
+    assert!(limiter.is_empty());
+}
+
+#[test]
+fn public_rate_tier_limits_each_address_separately() {
+    let src = testing::base_toml().replace(
+        "path = \"/v1/status\"\naccess = \"public\"",
+        "path = \"/v1/status\"\naccess = \"public\"\nrate_tier = \"free\"",
+    );
+    let policy = testing::compile_str(&src).unwrap().policy;
+    let limiter = Limiter::new();
+    let passes = |ip: &str| {
+        (0..150)
+            .filter(|_| {
+                decide_shared(&req(Method::GET, "/v1/status").from(ip), &policy, &limiter).allowed()
+            })
+            .count()
+    };
+    assert_eq!(passes("192.0.2.1"), 100);
+    assert_eq!(passes("192.0.2.2"), 100);
+}
+
+#[test]
+fn rate_tier_on_an_authenticated_route_is_a_config_error() {
+    let src = testing::base_toml().replace(
+        "methods = [\"GET\"]\npermissions = [\"vms:read\"]",
+        "methods = [\"GET\"]\npermissions = [\"vms:read\"]\nrate_tier = \"free\"",
+    );
+    let errors = testing::compile_str(&src).unwrap_err();
+    assert!(errors
+        .iter()
+        .any(|e| e.message.contains("rate_tier is for public routes")));
+}
