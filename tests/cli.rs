@@ -159,7 +159,11 @@ fn demo_curl_lines_behave_as_printed() {
         example()
             .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
             .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
-            .replace("127.0.0.1:9000", &format!("127.0.0.1:{upstream}")),
+            .replace("127.0.0.1:9000", &format!("127.0.0.1:{upstream}"))
+            .replace(
+                "state_dir = \"./keygate-state\"",
+                &format!("state_dir = {:?}", dir.path().join("state")),
+            ),
     )
     .unwrap();
     let mut demo = keygate()
