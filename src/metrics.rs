@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 pub struct Metrics {
@@ -17,6 +17,10 @@ pub struct Metrics {
     pub auth_denials: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub tokens_issued: IntCounterVec,
+    pub refresh_reuse: IntCounter,
+    pub login_failures: IntCounter,
+    pub login_throttled: IntCounter,
     pub limiter_accounts: IntGauge,
     pub state_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -75,6 +79,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["tier"]
         )
         .expect("register keygate_rate_limited_total"),
+        tokens_issued: register_int_counter_vec!(
+            "keygate_tokens_issued_total",
+            "Access tokens issued, by grant (password, refresh_token).",
+            &["grant"]
+        )
+        .expect("register keygate_tokens_issued_total"),
+        refresh_reuse: register_int_counter!(
+            "keygate_refresh_reuse_detected_total",
+            "Spent refresh tokens presented again (each revokes its family)."
+        )
+        .expect("register keygate_refresh_reuse_detected_total"),
+        login_failures: register_int_counter!(
+            "keygate_login_failures_total",
+            "Logins refused with invalid_credentials."
+        )
+        .expect("register keygate_login_failures_total"),
+        login_throttled: register_int_counter!(
+            "keygate_login_throttled_total",
+            "Logins refused with 429 login_throttled."
+        )
+        .expect("register keygate_login_throttled_total"),
         limiter_accounts: register_int_gauge!(
             "keygate_limiter_accounts",
             "Accounts whose bucket is not whole, held in memory by the limiter."

@@ -83,6 +83,9 @@ pub struct Auth {
     pub revoke_path: Option<Str>,
     pub default_access: Option<Str>,
     pub api_key_header: Option<Str>,
+    pub login_attempts_per_ip: Option<Spanned<i64>>,
+    pub login_attempts_per_email: Option<Spanned<i64>>,
+    pub login_throttle_period: Option<Str>,
     #[serde(default)]
     pub keys: Vec<Spanned<JwtKey>>,
 }

@@ -5,7 +5,7 @@
 //! Order (DESIGN.md, "HTTP behaviour"): client IP → global allowlist → route
 //! → credential → principal → principal allowlist → permissions.
 
-mod client_ip;
+pub mod client_ip;
 mod credential;
 mod denial;
 mod jwt;

@@ -105,6 +105,16 @@ impl Limiter {
         gcra(&slot.state, quota, now_us)
     }
 
+    /// Would a request of `account` pass now? Counts nothing (login
+    /// throttling asks first and spends only on a failed attempt).
+    pub fn peek(&self, account: AccountId, quota: &Quota, now_us: u64) -> Outcome {
+        let current = self
+            .accounts
+            .get(&account)
+            .map_or(0, |slot| slot.state.load(Ordering::Acquire));
+        step(current, quota, now_us).0
+    }
+
     /// Accounts held in memory.
     pub fn len(&self) -> usize {
         self.accounts.len()
@@ -188,49 +198,54 @@ fn unpack(state: u64) -> (u16, u64) {
 }
 
 fn gcra(state: &AtomicU64, quota: &Quota, now_us: u64) -> Outcome {
-    let interval = quota.interval_us;
-    let tolerance = quota.tolerance_us();
     let mut current = state.load(Ordering::Acquire);
     loop {
-        let (rate, stored) = unpack(current);
-        let tat = if current == 0 {
-            now_us
-        } else if rate == quota.rate {
-            stored.max(now_us)
-        } else {
-            // The tier changed: carry the debt over in requests, not in time.
-            let debt = u128::from(stored.saturating_sub(now_us));
-            let converted = debt * u128::from(interval) / u128::from(rates::interval(rate).max(1));
-            now_us + converted.min(u128::from(tolerance)) as u64
+        let (outcome, next) = step(current, quota, now_us);
+        let Some(next) = next else {
+            return outcome;
         };
-        let new_tat = tat + interval;
-        if new_tat - now_us > tolerance {
-            return Outcome {
-                allowed: false,
-                limit: quota.limit.get(),
-                remaining: 0,
-                reset_secs: secs_ceil(tat - now_us),
-                retry_after_secs: secs_ceil(new_tat - now_us - tolerance),
-            };
-        }
-        match state.compare_exchange_weak(
-            current,
-            pack(quota.rate, new_tat),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => {
-                return Outcome {
-                    allowed: true,
-                    limit: quota.limit.get(),
-                    remaining: ((tolerance - (new_tat - now_us)) / interval) as u32,
-                    reset_secs: secs_ceil(new_tat - now_us),
-                    retry_after_secs: 0,
-                }
-            }
+        match state.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return outcome,
             Err(actual) => current = actual,
         }
     }
+}
+
+/// One GCRA step from state `current`: the outcome, and the state to store
+/// if the request passes.
+fn step(current: u64, quota: &Quota, now_us: u64) -> (Outcome, Option<u64>) {
+    let interval = quota.interval_us;
+    let tolerance = quota.tolerance_us();
+    let (rate, stored) = unpack(current);
+    let tat = if current == 0 {
+        now_us
+    } else if rate == quota.rate {
+        stored.max(now_us)
+    } else {
+        // The tier changed: carry the debt over in requests, not in time.
+        let debt = u128::from(stored.saturating_sub(now_us));
+        let converted = debt * u128::from(interval) / u128::from(rates::interval(rate).max(1));
+        now_us + converted.min(u128::from(tolerance)) as u64
+    };
+    let new_tat = tat + interval;
+    if new_tat - now_us > tolerance {
+        let outcome = Outcome {
+            allowed: false,
+            limit: quota.limit.get(),
+            remaining: 0,
+            reset_secs: secs_ceil(tat - now_us),
+            retry_after_secs: secs_ceil(new_tat - now_us - tolerance),
+        };
+        return (outcome, None);
+    }
+    let outcome = Outcome {
+        allowed: true,
+        limit: quota.limit.get(),
+        remaining: ((tolerance - (new_tat - now_us)) / interval) as u32,
+        reset_secs: secs_ceil(new_tat - now_us),
+        retry_after_secs: 0,
+    };
+    (outcome, Some(pack(quota.rate, new_tat)))
 }
 
 fn secs_ceil(us: u64) -> u64 {

@@ -162,3 +162,17 @@ fn same_interval_interns_to_the_same_rate() {
     assert_eq!(quota(100, HOUR, 100).rate, quota(200, 2 * HOUR, 5).rate);
     assert_ne!(free().rate, pro().rate);
 }
+
+#[test]
+fn peek_answers_without_counting() {
+    let l = Limiter::new();
+    let q = quota(2, HOUR, 2);
+    for _ in 0..10 {
+        assert!(l.peek(4, &q, T0).allowed);
+    }
+    l.check(4, &q, T0);
+    l.check(4, &q, T0);
+    let o = l.peek(4, &q, T0);
+    assert!(!o.allowed);
+    assert_eq!(o.retry_after_secs, 1800);
+}

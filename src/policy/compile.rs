@@ -101,7 +101,16 @@ impl Cx<'_> {
         );
         let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
 
+        let jwks = jwt_keys.as_ref().map(jwks_document).unwrap_or_default();
+        // Only needed when some user can log in; then shaped like their hashes.
+        let dummy_password_hash = users
+            .iter()
+            .find_map(|u| u.password_hash.as_deref())
+            .map(|like| crate::issue::dummy_hash_like(Some(like)))
+            .unwrap_or_default();
         Some(Policy {
+            dummy_password_hash,
+            jwks,
             source: file.to_string(),
             server: server?,
             log,
@@ -268,7 +277,23 @@ impl Cx<'_> {
                 self.d.error(p.span(), "a path must start with /");
             }
         }
+        let period = self.duration_or(
+            a.login_throttle_period.as_ref(),
+            Duration::from_secs(15 * 60),
+        );
+        let attempts = |cx: &mut Self, n: &Option<config::Spanned<i64>>, default: u32| {
+            let n = n
+                .as_ref()
+                .map_or(NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN), |n| {
+                    cx.count(n, "login attempts")
+                });
+            Quota::new(n, period, n)
+        };
+        let login_per_ip = attempts(self, &a.login_attempts_per_ip, 30);
+        let login_per_email = attempts(self, &a.login_attempts_per_email, 10);
         Auth {
+            login_per_ip,
+            login_per_email,
             issuer: text(&a.issuer, "keygate"),
             audience: text(&a.audience, "api"),
             token_ttl: self.duration_or(a.token_ttl.as_ref(), Duration::from_secs(24 * 3600)),
@@ -1060,6 +1085,28 @@ impl Cx<'_> {
             }
         }
     }
+}
+
+/// The JWK set of every asymmetric key (HMAC secrets are never published).
+fn jwks_document(keys: &JwtKeys) -> String {
+    use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
+    let keys = keys
+        .keys
+        .iter()
+        .filter(|k| {
+            !matches!(
+                k.algorithm,
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+            )
+        })
+        .filter_map(|k| {
+            let mut jwk = Jwk::from_decoding_key(&k.decoding, Some(k.algorithm)).ok()?;
+            jwk.common.key_id = Some(k.kid.to_string());
+            jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+            Some(jwk)
+        })
+        .collect();
+    serde_json::to_string(&JwkSet { keys }).unwrap_or_else(|_| r#"{"keys":[]}"#.to_string())
 }
 
 fn is_token(s: &str) -> bool {

@@ -45,6 +45,11 @@ pub struct Policy {
     pub api_keys: Vec<ApiKey>,
     pub routes: Vec<Route>,
     pub router: Router,
+    /// `GET /.well-known/jwks.json`: the public keys of asymmetric keys.
+    pub jwks: String,
+    /// Verified when a login names no user with a password, so that every
+    /// failed login costs the same (same argon2 parameters as the users').
+    pub dummy_password_hash: String,
     users_by_id: HashMap<Box<str>, UserIdx>,
     users_by_email: HashMap<Box<str>, UserIdx>,
     /// First eight bytes of each key's SHA-256; the whole hash is then
@@ -187,6 +192,9 @@ pub struct Auth {
     pub revoke_path: String,
     pub default_access: Access,
     pub api_key_header: HeaderName,
+    /// Failed logins allowed per client address, and per email.
+    pub login_per_ip: Quota,
+    pub login_per_email: Quota,
 }
 
 pub struct JwtKey {

@@ -17,6 +17,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use super::access_log;
 use crate::gate::{self, Decision, Denial, RateInfo, RequestFacts};
+use crate::issue::{IssueError, Issuer};
 use crate::limit::Limiter;
 use crate::metrics::{method_label, status_class, METRICS};
 use crate::policy::{Policy, PolicyStore};
@@ -42,6 +43,39 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 pub struct Gateway {
     pub store: Arc<PolicyStore>,
     pub limiter: Arc<Limiter>,
+    pub issuer: Arc<Issuer>,
+}
+
+/// The endpoints keygate serves itself instead of forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Token,
+    Refresh,
+    Revoke,
+    Jwks,
+}
+
+impl Endpoint {
+    fn find(policy: &Policy, path: &str) -> Option<Endpoint> {
+        let auth = &policy.auth;
+        match path {
+            p if p == auth.token_path => Some(Endpoint::Token),
+            p if p == auth.refresh_path => Some(Endpoint::Refresh),
+            p if p == auth.revoke_path => Some(Endpoint::Revoke),
+            "/.well-known/jwks.json" => Some(Endpoint::Jwks),
+            _ => None,
+        }
+    }
+
+    /// Its label in metrics and the access log.
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Token => "auth:token",
+            Endpoint::Refresh => "auth:refresh",
+            Endpoint::Revoke => "auth:revoke",
+            Endpoint::Jwks => "auth:jwks",
+        }
+    }
 }
 
 /// Per-request state, from the first filter to `logging`.
@@ -54,6 +88,8 @@ pub struct Ctx {
     rewritten_path: Option<String>,
     /// Status and code of a response keygate wrote itself.
     refused: Option<(u16, &'static str)>,
+    /// Set when the request was for one of keygate's own endpoints.
+    endpoint: Option<Endpoint>,
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
 }
@@ -70,6 +106,7 @@ impl ProxyHttp for Gateway {
             decision: None,
             rewritten_path: None,
             refused: None,
+            endpoint: None,
             upstream_sent: None,
             upstream_elapsed: None,
         }
@@ -90,6 +127,12 @@ impl ProxyHttp for Gateway {
             }
         };
         let peer = peer_ip(session);
+        if let Some(endpoint) = Endpoint::find(&policy, &path) {
+            ctx.endpoint = Some(endpoint);
+            self.serve_endpoint(session, ctx, &policy, endpoint, peer)
+                .await?;
+            return Ok(true);
+        }
         let decision = {
             let req = session.req_header();
             let facts = RequestFacts {
@@ -269,9 +312,11 @@ impl ProxyHttp for Gateway {
             return;
         };
         let decision = ctx.decision.as_ref();
-        let route = decision
-            .and_then(|d| d.route)
-            .map_or("unmatched", |r| &*policy.route(r).pattern);
+        let route = match (ctx.endpoint, decision.and_then(|d| d.route)) {
+            (Some(endpoint), _) => endpoint.label(),
+            (None, Some(r)) => &*policy.route(r).pattern,
+            (None, None) => "unmatched",
+        };
         let method = method_label(&session.req_header().method);
         METRICS
             .requests
@@ -318,6 +363,140 @@ impl ProxyHttp for Gateway {
             },
         );
     }
+}
+
+impl Gateway {
+    /// Login, refresh, revoke and JWKS. The blocking work (argon2, durable
+    /// commits) runs on the blocking pool, never on this proxy thread.
+    async fn serve_endpoint(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        policy: &Arc<Policy>,
+        endpoint: Endpoint,
+        peer: IpAddr,
+    ) -> Result<()> {
+        let method = session.req_header().method.clone();
+        if endpoint == Endpoint::Jwks {
+            if method != http::Method::GET && method != http::Method::HEAD {
+                return respond_issue(session, ctx, IssueError::InvalidRequest("use GET")).await;
+            }
+            let body = policy.jwks.clone().into_bytes();
+            let mut resp = ResponseHeader::build(200, Some(4))?;
+            resp.insert_header(CONTENT_TYPE, "application/json")?;
+            resp.insert_header(CONTENT_LENGTH, body.len())?;
+            resp.insert_header(CACHE_CONTROL, "public, max-age=300")?;
+            resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+            session.write_response_header(Box::new(resp), false).await?;
+            return session
+                .write_response_body(Some(Bytes::from(body)), true)
+                .await;
+        }
+        if method != http::Method::POST {
+            return respond_issue(session, ctx, IssueError::InvalidRequest("use POST")).await;
+        }
+        let json = session
+            .req_header()
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            let e = IssueError::InvalidRequest(
+                "the body must be JSON (Content-Type: application/json)",
+            );
+            return respond_issue(session, ctx, e).await;
+        }
+        let body = match read_body(session, crate::issue::MAX_BODY).await? {
+            Ok(body) => body,
+            Err(e) => return respond_issue(session, ctx, e).await,
+        };
+        let client_ip = {
+            let headers = &session.req_header().headers;
+            gate::client_ip::resolve(peer, headers, &policy.server.trusted_proxies)
+        };
+        let (issuer, policy) = (self.issuer.clone(), policy.clone());
+        let now = crate::policy::unix_now_us();
+        let answer = tokio::task::spawn_blocking(move || match endpoint {
+            Endpoint::Token => issuer.login(&policy, client_ip, &body, now).map(Some),
+            Endpoint::Refresh => issuer.refresh(&policy, client_ip, &body, now).map(Some),
+            _ => issuer.revoke(&policy, &body, now).map(|()| None),
+        })
+        .await
+        .unwrap_or(Err(IssueError::Internal));
+        match answer {
+            Ok(tokens) => {
+                let body = match tokens {
+                    Some(t) => serde_json::to_vec(&t).unwrap_or_default(),
+                    None => b"{}".to_vec(),
+                };
+                let mut resp = ResponseHeader::build(200, Some(5))?;
+                resp.insert_header(CONTENT_TYPE, "application/json")?;
+                resp.insert_header(CONTENT_LENGTH, body.len())?;
+                resp.insert_header(CACHE_CONTROL, "no-store")?;
+                resp.insert_header(http::header::PRAGMA, "no-cache")?;
+                resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+                session.write_response_header(Box::new(resp), false).await?;
+                session
+                    .write_response_body(Some(Bytes::from(body)), true)
+                    .await
+            }
+            Err(e) => respond_issue(session, ctx, e).await,
+        }
+    }
+}
+
+/// The whole request body, or `413` past `limit` (checked against
+/// Content-Length first, then as chunks arrive, so chunked bodies are bounded too).
+async fn read_body(
+    session: &mut Session,
+    limit: usize,
+) -> Result<std::result::Result<Vec<u8>, IssueError>> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Ok(Err(IssueError::PayloadTooLarge));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(Err(IssueError::PayloadTooLarge));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body))
+}
+
+async fn respond_issue(session: &mut Session, ctx: &mut Ctx, e: IssueError) -> Result<()> {
+    let status = e.status();
+    ctx.refused = Some((status, e.code()));
+    let body = gate::error_body(
+        status,
+        e.code(),
+        &e.message(),
+        request_id_str(&ctx.request_id),
+    );
+    let mut resp = ResponseHeader::build(status, Some(6))?;
+    resp.insert_header(CONTENT_TYPE, "application/json")?;
+    resp.insert_header(CONTENT_LENGTH, body.len())?;
+    resp.insert_header(CACHE_CONTROL, "no-store")?;
+    resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+    if let Some(challenge) = e.challenge() {
+        resp.insert_header(WWW_AUTHENTICATE, challenge)?;
+    }
+    if let Some(secs) = e.retry_after() {
+        resp.insert_header(http::header::RETRY_AFTER, HeaderValue::from(secs))?;
+    }
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
 }
 
 fn peer_ip(session: &Session) -> IpAddr {

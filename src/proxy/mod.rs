@@ -18,6 +18,7 @@ use pingora::services::listening::Service;
 pub use gateway::Gateway;
 pub use reload::{reload_now, Status};
 
+use crate::issue::Issuer;
 use crate::limit::Limiter;
 use crate::metrics::{record_policy, METRICS};
 use crate::policy::{Policy, PolicyStore};
@@ -35,7 +36,11 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     record_policy(policy.counts(), true);
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
-    open_state(&server_settings.state_dir, &limiter)?;
+    let state = open_state(&server_settings.state_dir, &limiter)?;
+    let issuer = Arc::new(Issuer {
+        store: state,
+        limiter: limiter.clone(),
+    });
     let store = Arc::new(PolicyStore::new(path, policy));
     let status = Arc::new(Status::default());
 
@@ -56,6 +61,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
         Gateway {
             store: store.clone(),
             limiter,
+            issuer,
         },
         "keygate proxy",
     );
@@ -94,7 +100,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
 /// Open the durable store, put the limiter's saved state back, and start
 /// writing it behind. A store that cannot be opened stops the start: serving
 /// without it would hand every account a fresh quota after each restart.
-fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<()> {
+fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<Arc<dyn StateStore>> {
     let store = RedbStore::open(dir)
         .map_err(|e| anyhow::anyhow!("{e} (server.state_dir = {})", dir.display()))?;
     let saved = store
@@ -103,8 +109,8 @@ fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<()> {
     let restored = limiter.restore(saved, crate::policy::unix_now_us());
     tracing::info!(accounts = restored, state_dir = %dir.display(), "limiter state restored");
     let store: Arc<dyn StateStore> = Arc::new(store);
-    spawn_flusher(limiter.clone(), store);
-    Ok(())
+    spawn_flusher(limiter.clone(), store.clone());
+    Ok(store)
 }
 
 fn claim_sighup() {

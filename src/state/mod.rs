@@ -47,10 +47,62 @@ pub trait StateStore: Send + Sync {
     fn load_limits(&self) -> Result<Vec<Snapshot>, StateError>;
     fn save_limits(&self, entries: &[Snapshot]) -> Result<(), StateError>;
     fn forget_limits(&self, accounts: &[AccountId]) -> Result<(), StateError>;
+
+    /// Store a new refresh token; durable when this returns.
+    fn insert_refresh(&self, hash: &TokenHash, record: &RefreshRecord) -> Result<(), StateError>;
+    /// Spend the token `hash` and store its successor, in one transaction
+    /// (see [`Rotation`]). `successor` sees the old record and either names
+    /// the new token or refuses. Durable when this returns.
+    /// A family revoked here stays revoked until `revoke_until` (Unix
+    /// seconds), which must outlast the family's newest token.
+    fn rotate_refresh(
+        &self,
+        hash: &TokenHash,
+        now: u64,
+        revoke_until: u64,
+        successor: &mut dyn FnMut(&RefreshRecord) -> Option<(TokenHash, RefreshRecord)>,
+    ) -> Result<Rotation, StateError>;
+    /// Revoke the family of `hash`, if the token is known, until `revoke_until`.
+    fn revoke_refresh(&self, hash: &TokenHash, revoke_until: u64) -> Result<bool, StateError>;
+    /// Drop expired tokens and revocation marks. Returns how many.
+    fn purge_expired(&self, now: u64) -> Result<usize, StateError>;
+}
+
+/// SHA-256 of a refresh token: the token itself is never stored.
+pub type TokenHash = [u8; 32];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshRecord {
+    pub user: String,
+    /// Every token descending from one login shares it.
+    pub family: u128,
+    /// Unix seconds.
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub spent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// The old token is spent; the new one is stored.
+    Rotated(RefreshRecord),
+    Unknown,
+    Expired,
+    /// The family was revoked (by reuse, by revocation) earlier.
+    Revoked,
+    /// A spent token came back: its whole family is now revoked.
+    ReuseDetected,
+    /// `successor` refused (the user is gone, disabled, or cut off).
+    Refused,
 }
 
 /// account → (emission interval µs, TAT µs since the Unix epoch)
 const LIMITS: TableDefinition<u128, (u64, u64)> = TableDefinition::new("limits_v1");
+/// token hash → (user, family, issued_at, expires_at, spent)
+const REFRESH: TableDefinition<&[u8; 32], (&str, u128, u64, u64, bool)> =
+    TableDefinition::new("refresh_v1");
+/// revoked family → when its last token expires (for purging)
+const REVOKED: TableDefinition<u128, u64> = TableDefinition::new("revoked_families_v1");
 
 pub struct RedbStore {
     db: Database,
@@ -65,6 +117,8 @@ impl RedbStore {
         let db = Database::create(dir.join("keygate.redb"))?;
         let txn = db.begin_write()?;
         txn.open_table(LIMITS)?;
+        txn.open_table(REFRESH)?;
+        txn.open_table(REVOKED)?;
         txn.commit()?;
         Ok(RedbStore { db })
     }
@@ -110,11 +164,135 @@ impl StateStore for RedbStore {
         txn.commit()?;
         Ok(())
     }
+
+    fn insert_refresh(&self, hash: &TokenHash, r: &RefreshRecord) -> Result<(), StateError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(REFRESH)?;
+            table.insert(
+                hash,
+                (
+                    r.user.as_str(),
+                    r.family,
+                    r.issued_at,
+                    r.expires_at,
+                    r.spent,
+                ),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn rotate_refresh(
+        &self,
+        hash: &TokenHash,
+        now: u64,
+        revoke_until: u64,
+        successor: &mut dyn FnMut(&RefreshRecord) -> Option<(TokenHash, RefreshRecord)>,
+    ) -> Result<Rotation, StateError> {
+        // redb has one writer at a time, so two refreshes with the same
+        // token are serialised: the second one sees it spent.
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut tokens = txn.open_table(REFRESH)?;
+            let mut revoked = txn.open_table(REVOKED)?;
+            let old = tokens.get(hash)?.map(|v| {
+                let (user, family, issued_at, expires_at, spent) = v.value();
+                RefreshRecord {
+                    user: user.to_string(),
+                    family,
+                    issued_at,
+                    expires_at,
+                    spent,
+                }
+            });
+            match old {
+                None => Rotation::Unknown,
+                Some(old) if revoked.get(old.family)?.is_some() => Rotation::Revoked,
+                Some(old) if old.spent => {
+                    revoked.insert(old.family, revoke_until.max(old.expires_at))?;
+                    Rotation::ReuseDetected
+                }
+                Some(old) if old.expires_at <= now => Rotation::Expired,
+                Some(old) => match successor(&old) {
+                    None => Rotation::Refused,
+                    Some((new_hash, new)) => {
+                        tokens.insert(
+                            hash,
+                            (
+                                old.user.as_str(),
+                                old.family,
+                                old.issued_at,
+                                old.expires_at,
+                                true,
+                            ),
+                        )?;
+                        tokens.insert(
+                            &new_hash,
+                            (
+                                new.user.as_str(),
+                                new.family,
+                                new.issued_at,
+                                new.expires_at,
+                                false,
+                            ),
+                        )?;
+                        Rotation::Rotated(new)
+                    }
+                },
+            }
+        };
+        if matches!(outcome, Rotation::Rotated(_) | Rotation::ReuseDetected) {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(outcome)
+    }
+
+    fn revoke_refresh(&self, hash: &TokenHash, revoke_until: u64) -> Result<bool, StateError> {
+        let txn = self.db.begin_write()?;
+        let found = {
+            let tokens = txn.open_table(REFRESH)?;
+            let mut revoked = txn.open_table(REVOKED)?;
+            let family = tokens.get(hash)?.map(|v| {
+                let (_, family, _, expires_at, _) = v.value();
+                (family, expires_at)
+            });
+            match family {
+                Some((family, expires_at)) => {
+                    revoked.insert(family, expires_at.max(revoke_until))?;
+                    true
+                }
+                None => false,
+            }
+        };
+        txn.commit()?;
+        Ok(found)
+    }
+
+    fn purge_expired(&self, now: u64) -> Result<usize, StateError> {
+        let txn = self.db.begin_write()?;
+        let purged = {
+            let mut tokens = txn.open_table(REFRESH)?;
+            let mut revoked = txn.open_table(REVOKED)?;
+            let a = tokens
+                .extract_if(|_, (_, _, _, expires_at, _)| expires_at <= now)?
+                .count();
+            let b = revoked.extract_if(|_, until| until <= now)?.count();
+            a + b
+        };
+        txn.commit()?;
+        Ok(purged)
+    }
 }
 
 /// How often changed limiter state is written, and idle accounts evicted.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 pub const EVICT_EVERY: Duration = Duration::from_secs(10);
+/// How often expired refresh tokens and revocation marks are dropped.
+pub const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// Write changed limiter state every [`FLUSH_EVERY`] and evict whole buckets
 /// every [`EVICT_EVERY`], on a thread of its own, for the life of the process.
@@ -123,12 +301,25 @@ pub fn spawn_flusher(limiter: Arc<Limiter>, store: Arc<dyn StateStore>) {
         .name("keygate state".into())
         .spawn(move || {
             let mut since_evict = Duration::ZERO;
+            let mut since_purge = Duration::ZERO;
             loop {
                 std::thread::sleep(FLUSH_EVERY);
                 flush(&limiter, store.as_ref());
                 since_evict += FLUSH_EVERY;
                 if since_evict >= EVICT_EVERY {
                     since_evict = Duration::ZERO;
+                    since_purge += EVICT_EVERY;
+                    if since_purge >= PURGE_EVERY {
+                        since_purge = Duration::ZERO;
+                        match store.purge_expired(crate::policy::unix_now()) {
+                            Ok(n) if n > 0 => tracing::info!(purged = n, "expired refresh tokens purged"),
+                            Ok(_) => {}
+                            Err(e) => {
+                                METRICS.state_errors.with_label_values(&["purge"]).inc();
+                                tracing::error!(error = %e, "could not purge expired refresh tokens");
+                            }
+                        }
+                    }
                     let evicted = limiter.evict_idle(crate::policy::unix_now_us());
                     if !evicted.is_empty() {
                         if let Err(e) = store.forget_limits(&evicted) {
@@ -169,6 +360,97 @@ pub fn flush(limiter: &Limiter, store: &dyn StateStore) {
 mod tests {
     use super::*;
     use std::num::NonZeroU32;
+
+    const NOW: u64 = 1_780_000_000;
+    const DAY: u64 = 86_400;
+
+    fn record(family: u128, issued_at: u64) -> RefreshRecord {
+        RefreshRecord {
+            user: "u_alice".into(),
+            family,
+            issued_at,
+            expires_at: issued_at + 30 * DAY,
+            spent: false,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    /// Rotate `from` into `to` at `now`.
+    fn rotate(store: &RedbStore, from: u8, to: u8, now: u64) -> Rotation {
+        store
+            .rotate_refresh(&[from; 32], now, now + 30 * DAY, &mut |old| {
+                Some(([to; 32], record(old.family, now)))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn rotation_spends_the_old_token_and_keeps_the_family() {
+        let (_dir, s) = store();
+        s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
+        match rotate(&s, 1, 2, NOW + 10) {
+            Rotation::Rotated(new) => assert_eq!((new.family, new.issued_at), (7, NOW + 10)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            rotate(&s, 2, 3, NOW + 20),
+            Rotation::Rotated(record(7, NOW + 20))
+        );
+    }
+
+    #[test]
+    fn reuse_of_a_spent_token_revokes_every_descendant() {
+        let (_dir, s) = store();
+        s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
+        rotate(&s, 1, 2, NOW + 10);
+        rotate(&s, 2, 3, NOW + 20);
+        assert_eq!(rotate(&s, 1, 9, NOW + 30), Rotation::ReuseDetected);
+        assert_eq!(rotate(&s, 3, 4, NOW + 40), Rotation::Revoked);
+        // Another family is untouched.
+        s.insert_refresh(&[5; 32], &record(8, NOW)).unwrap();
+        assert!(matches!(rotate(&s, 5, 6, NOW + 50), Rotation::Rotated(_)));
+    }
+
+    #[test]
+    fn expiry_follows_the_given_clock() {
+        let (_dir, s) = store();
+        s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
+        assert_eq!(rotate(&s, 1, 2, NOW + 30 * DAY), Rotation::Expired);
+        assert!(matches!(
+            rotate(&s, 1, 2, NOW + 30 * DAY - 1),
+            Rotation::Rotated(_)
+        ));
+    }
+
+    #[test]
+    fn refused_successor_changes_nothing() {
+        let (_dir, s) = store();
+        s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
+        let refused = s
+            .rotate_refresh(&[1; 32], NOW, NOW + DAY, &mut |_| None)
+            .unwrap();
+        assert_eq!(refused, Rotation::Refused);
+        assert!(matches!(rotate(&s, 1, 2, NOW + 1), Rotation::Rotated(_)));
+        assert_eq!(rotate(&s, 42, 43, NOW), Rotation::Unknown);
+    }
+
+    #[test]
+    fn revocation_and_purge() {
+        let (_dir, s) = store();
+        s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
+        assert!(s.revoke_refresh(&[1; 32], NOW + 30 * DAY).unwrap());
+        assert!(!s.revoke_refresh(&[9; 32], NOW + 30 * DAY).unwrap());
+        assert_eq!(rotate(&s, 1, 2, NOW + 1), Rotation::Revoked);
+        assert_eq!(s.purge_expired(NOW).unwrap(), 0);
+        // The token and its family's mark both lapse after 30 days.
+        assert_eq!(s.purge_expired(NOW + 30 * DAY).unwrap(), 2);
+        assert_eq!(rotate(&s, 1, 2, NOW + 1), Rotation::Unknown);
+    }
 
     #[test]
     fn limiter_state_survives_a_reopen() {

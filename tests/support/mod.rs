@@ -348,6 +348,28 @@ pub fn sha256_hex(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
+/// The password of every user in [`config_with_passwords`].
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// [`config`] with `PASSWORD` set for every user.
+pub fn config_with_passwords() -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    let phc = argon2::Argon2::default()
+        .hash_password(PASSWORD.as_bytes(), &salt)
+        .expect("hash")
+        .to_string();
+    let mut out = String::new();
+    for line in config().lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("id = \"u_") {
+            out.push_str(&format!("password_hash = \"{phc}\"\n"));
+        }
+    }
+    out
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,0 +1,66 @@
+//! Failed logins must take the same time whether the email exists or not:
+//! both verify exactly one argon2id hash with the same parameters.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use keygate::config::Fixed;
+use keygate::issue::{IssueError, Issuer};
+use keygate::limit::Limiter;
+use keygate::policy::{compile, unix_now_us};
+use keygate::state::RedbStore;
+
+fn bench_login(c: &mut Criterion) {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    let phc = argon2::Argon2::default()
+        .hash_password(b"the right password", &salt)
+        .unwrap()
+        .to_string();
+    let src = format!(
+        r#"
+[upstream]
+url = "http://127.0.0.1:9000"
+[auth]
+login_attempts_per_ip = 4000000000
+login_attempts_per_email = 4000000000
+[[auth.keys]]
+kid = "k"
+algorithm = "HS256"
+secret_env = "S"
+sign = true
+[tiers.free]
+limit = 100
+[[users]]
+email = "alice@example.com"
+tier = "free"
+password_hash = "{phc}"
+"#
+    );
+    let mut secrets = Fixed::default();
+    secrets.env.insert("S".into(), "s".repeat(32));
+    let policy = compile("bench.toml", &src, &secrets).unwrap().policy;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer {
+        store: Arc::new(RedbStore::open(dir.path()).unwrap()),
+        limiter: Arc::new(Limiter::new()),
+    };
+    let ip = "192.0.2.1".parse().unwrap();
+    let attempt = |email: &str| {
+        let body = format!(r#"{{"email":"{email}","password":"wrong password"}}"#);
+        let r = issuer.login(&policy, ip, body.as_bytes(), unix_now_us());
+        assert_eq!(r.unwrap_err(), IssueError::InvalidCredentials);
+    };
+    let mut group = c.benchmark_group("failed_login");
+    group.sample_size(20);
+    group.bench_function("unknown_email", |b| {
+        b.iter(|| attempt("nobody@example.com"))
+    });
+    group.bench_function("wrong_password", |b| {
+        b.iter(|| attempt("alice@example.com"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_login);
+criterion_main!(benches);
