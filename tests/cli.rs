@@ -226,7 +226,7 @@ fn demo_curl_lines_behave_as_printed() {
         assert_eq!(status, expected, "{line}");
         ran += 1;
     }
-    assert_eq!(ran, 11, "{printed:#?}");
+    assert_eq!(ran, 12, "{printed:#?}");
     let _ = demo.kill();
     let _ = demo.wait();
 }

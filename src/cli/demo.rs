@@ -131,6 +131,7 @@ Tokens minted for this run (HS256, kid from the example, valid 24 h):
   export BOB='{bob_token}'
 
 Passes (200):
+  curl -s -X POST -H 'Content-Type: application/json' -d '{{"email":"alice@example.com","password":"alice-demo-password"}}' {base}/api/v1/auth/token
   curl -s {base}/v1/status                                   # public route
   curl -s -H "Authorization: Bearer $ALICE" {base}/v1/vms     # JWT, alice holds vms:read
   curl -s -H "X-API-Key: {deploy}" {base}/v1/vms

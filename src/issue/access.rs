@@ -49,3 +49,45 @@ pub fn sign_access_token(
     let token = jsonwebtoken::encode(&header, &claims, encoding)?;
     Ok((token, exp))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::testing;
+
+    /// Each asymmetric algorithm signs with its private key and the gate
+    /// verifies the result with the public one.
+    #[test]
+    fn asymmetric_signers_round_trip_through_the_gate() {
+        for (kid, private) in [("ed", "ed.pem"), ("es", "es.pem"), ("rs", "rs.pem")] {
+            let src = testing::base_toml()
+                .replace("secret_env = \"TEST_HS\"\nsign = true", "secret_env = \"TEST_HS\"")
+                .replace(
+                    &format!("public_key_file = \"keys/{kid}.pub.pem\""),
+                    &format!("public_key_file = \"keys/{kid}.pub.pem\"\nprivate_key_file = \"keys/{private}\"\nsign = true"),
+                );
+            let mut secrets = testing::secrets();
+            let pem = match kid {
+                "ed" => testing::ED_PRIVATE,
+                "es" => testing::ES_PRIVATE,
+                _ => testing::RS_PRIVATE,
+            };
+            secrets
+                .files
+                .insert(format!("keys/{private}").into(), pem.as_bytes().to_vec());
+            let policy = crate::policy::compile("t.toml", &src, &secrets)
+                .unwrap()
+                .policy;
+            let (alice, _) = policy.user_by_id("u_alice").unwrap();
+            let now = crate::policy::unix_now();
+            let (token, exp) = super::sign_access_token(&policy, alice, now, 60).unwrap();
+            assert_eq!(exp, now + 60);
+            let header = jsonwebtoken::decode_header(&token).unwrap();
+            assert_eq!(header.kid.as_deref(), Some(kid));
+            assert_eq!(
+                crate::gate::verify_jwt(&policy, &token, now),
+                Ok(alice),
+                "{kid}"
+            );
+        }
+    }
+}
