@@ -41,6 +41,27 @@ enum Command {
     },
     /// Read a password from stdin and print an argon2id PHC string
     HashPassword,
+    /// Show how the proxy would decide one request, step by step; exit 0 allow, 1 deny
+    Explain {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        path: String,
+        /// The client's address (the socket peer)
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: std::net::IpAddr,
+        /// A Bearer credential (JWT or API key)
+        #[arg(long, conflicts_with = "api_key")]
+        token: Option<String>,
+        /// An API key, sent in the configured API-key header
+        #[arg(long)]
+        api_key: Option<String>,
+        /// An extra request header, 'Name: value' (repeatable)
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
+    },
     /// Serve the example configuration with a built-in sample VM API, printing curl lines to try
     Demo {
         #[arg(short, long, value_name = "FILE")]
@@ -57,6 +78,32 @@ fn main() -> ExitCode {
         }
         Command::NewApiKey { prefix, id } => keygate::cli::new_api_key(&prefix, id.as_deref()),
         Command::HashPassword => keygate::cli::hash_password(),
+        Command::Explain {
+            config,
+            method,
+            path,
+            ip,
+            token,
+            api_key,
+            headers,
+        } => {
+            let req = keygate::cli::explain::Request {
+                method: &method,
+                path: &path,
+                ip,
+                token: token.as_deref(),
+                api_key: api_key.as_deref(),
+                headers: &headers,
+            };
+            return match keygate::cli::explain::run(&keygate::cli::config_path(config), &req) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("keygate: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Demo { config } => keygate::cli::demo::run(config),
     };
     match result {

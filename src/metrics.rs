@@ -6,14 +6,16 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec,
 };
 
 pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
+    pub gate_duration: Histogram,
     pub auth_denials: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -35,6 +37,21 @@ pub struct Metrics {
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
+];
+
+/// The gate decides in micro- to milliseconds (argon2 never runs here).
+const GATE_BUCKETS: &[f64] = &[
+    0.000_000_5,
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
 ];
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -61,6 +78,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             LATENCY_BUCKETS.to_vec()
         )
         .expect("register keygate_upstream_duration_seconds"),
+        gate_duration: register_histogram!(
+            "keygate_gate_duration_seconds",
+            "Time the gate takes to decide one request (keygate's own added latency).",
+            GATE_BUCKETS.to_vec()
+        )
+        .expect("register keygate_gate_duration_seconds"),
         auth_denials: register_int_counter_vec!(
             "keygate_auth_denials_total",
             "Requests refused by the gate, by error code.",

@@ -141,7 +141,13 @@ impl ProxyHttp for Gateway {
                 path: &path,
                 headers: &req.headers,
             };
-            gate::decide(&policy, &self.limiter, &facts, crate::policy::unix_now_us())
+            let started = Instant::now();
+            let decision =
+                gate::decide(&policy, &self.limiter, &facts, crate::policy::unix_now_us());
+            METRICS
+                .gate_duration
+                .observe(started.elapsed().as_secs_f64());
+            decision
         };
         if let std::borrow::Cow::Owned(p) = path {
             ctx.rewritten_path = Some(p);

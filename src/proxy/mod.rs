@@ -81,7 +81,14 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
 
     server.add_service(background_service(
         "sighup reloader",
-        reload::SighupReloader { store, status },
+        reload::SighupReloader {
+            store: store.clone(),
+            status: status.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "config file watcher",
+        reload::FileWatcher { store, status },
     ));
     if let Some(extra) = extra {
         extra(&mut server);

@@ -113,3 +113,85 @@ impl BackgroundService for SighupReloader {
         }
     }
 }
+
+/// How often the configuration file is looked at.
+pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads when the configuration file changes. It polls rather than
+/// subscribing to file events: editors replace files by rename, `cp`
+/// rewrites in place, and Kubernetes swaps a symlink two levels up; one
+/// check of the resolved file's identity (device, inode, size, mtime) each
+/// second catches all three alike, and the content is hashed only when that
+/// identity moved, so touching the file does not reload it.
+pub struct FileWatcher {
+    pub store: std::sync::Arc<PolicyStore>,
+    pub status: std::sync::Arc<Status>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    resolved: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    let resolved = std::fs::canonicalize(path).ok()?;
+    let m = std::fs::metadata(&resolved).ok()?;
+    Some(Fingerprint {
+        resolved,
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+fn content_hash(path: &std::path::Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|b| sha2::Sha256::digest(&b).into())
+}
+
+#[async_trait]
+impl BackgroundService for FileWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let path = self.store.path().to_path_buf();
+        let mut seen = fingerprint(&path);
+        let mut loaded = content_hash(&path);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = fingerprint(&path);
+            if now == seen || now.is_none() {
+                // Missing for a moment (mid-rename): look again next time.
+                continue;
+            }
+            // Let a writer finish: wait until the identity holds still.
+            let mut settled = now;
+            for _ in 0..10 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let again = fingerprint(&path);
+                if again == settled {
+                    break;
+                }
+                settled = again;
+            }
+            seen = settled;
+            let hash = content_hash(&path);
+            if hash.is_none() || hash == loaded {
+                continue;
+            }
+            loaded = hash;
+            let store = self.store.clone();
+            let status = self.status.clone();
+            let _ = tokio::task::spawn_blocking(move || reload_now(&store, &status, "file")).await;
+        }
+    }
+}

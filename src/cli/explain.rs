@@ -1,0 +1,285 @@
+//! `keygate explain`: run the proxy's own decision for one described request
+//! and print each step, so an operator can test a policy edit before saving.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::gate::{self, Decision, Denial, RequestFacts};
+use crate::limit::Limiter;
+use crate::policy::{Access, Policy, Rate};
+
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub ip: IpAddr,
+    pub token: Option<&'a str>,
+    pub api_key: Option<&'a str>,
+    /// `Name: value` lines.
+    pub headers: &'a [String],
+}
+
+/// Print the explanation of `req` under the file at `path`. `Ok(true)` when
+/// the proxy would let it through.
+pub fn run(path: &Path, req: &Request<'_>) -> anyhow::Result<bool> {
+    let policy = super::load(path)?.policy;
+    let (text, allowed) = explain(&policy, req, crate::policy::unix_now_us())?;
+    print!("{text}");
+    Ok(allowed)
+}
+
+/// The explanation as text, and whether the request passes.
+pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Result<(String, bool)> {
+    let method = Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
+        .with_context(|| format!("{:?} is not an HTTP method", req.method))?;
+    let raw_path = req.path.split('?').next().unwrap_or("/");
+    let headers = headers(policy, req)?;
+    let mut out = String::new();
+    let line = |out: &mut String, step: &str, text: &str| {
+        let _ = writeln!(out, "{step:<13} {text}");
+    };
+    line(
+        &mut out,
+        "request",
+        &format!("{method} {} from {}", req.path, req.ip),
+    );
+
+    let path = match gate::path::normalize(raw_path) {
+        Ok(p) => p,
+        Err(why) => {
+            let d = Denial::InvalidRequest(why);
+            line(&mut out, "path", &format!("FAIL: {why}"));
+            line(
+                &mut out,
+                "decision",
+                &format!("DENY {} {}: {}", d.status(), d.code(), d.message()),
+            );
+            return Ok((out, false));
+        }
+    };
+    if path != raw_path {
+        line(&mut out, "path", &format!("normalised to {path}"));
+    }
+    let auth = &policy.auth;
+    if [&auth.token_path, &auth.refresh_path, &auth.revoke_path].contains(&&path.to_string())
+        || path == "/.well-known/jwks.json"
+    {
+        line(
+            &mut out,
+            "route",
+            "served by keygate itself (token, refresh, revoke or JWKS endpoint)",
+        );
+        line(
+            &mut out,
+            "decision",
+            "ALLOW (keygate answers; nothing is forwarded)",
+        );
+        return Ok((out, true));
+    }
+
+    let facts = RequestFacts {
+        peer: req.ip,
+        method: &method,
+        path: &path,
+        headers: &headers,
+    };
+    // A fresh limiter: explain shows the tier that would apply, not live counters.
+    let d = gate::decide(policy, &Limiter::new(), &facts, now_us);
+    steps(&mut out, policy, req, &d);
+    Ok((out, d.allowed()))
+}
+
+fn headers(policy: &Policy, req: &Request<'_>) -> anyhow::Result<HeaderMap> {
+    let mut h = HeaderMap::new();
+    for raw in req.headers {
+        let (name, value) = raw
+            .split_once(':')
+            .with_context(|| format!("--header {raw:?} is not 'Name: value'"))?;
+        h.append(
+            HeaderName::from_bytes(name.trim().as_bytes()).context("invalid header name")?,
+            HeaderValue::from_str(value.trim()).context("invalid header value")?,
+        );
+    }
+    match (req.token, req.api_key) {
+        (Some(_), Some(_)) => bail!("give --token or --api-key, not both"),
+        (Some(t), None) => {
+            h.insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}"))?,
+            );
+        }
+        (None, Some(k)) => {
+            h.insert(
+                policy.auth.api_key_header.clone(),
+                HeaderValue::from_str(k)?,
+            );
+        }
+        (None, None) => {}
+    }
+    Ok(h)
+}
+
+fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
+    let mut line = |step: &str, text: String| {
+        let _ = writeln!(out, "{step:<13} {text}");
+    };
+    let denial = d.verdict.as_ref().err();
+    let failed_at = |step: &str| match (denial, step) {
+        (Some(Denial::IpNotAllowed), "global") => d.principal.is_none(),
+        (Some(Denial::IpNotAllowed), "ip") => d.principal.is_some(),
+        (Some(Denial::Forbidden), "route") => true,
+        (
+            Some(
+                Denial::MissingCredentials
+                | Denial::InvalidToken(_)
+                | Denial::TokenExpired
+                | Denial::InvalidApiKey(_)
+                | Denial::InvalidRequest(_),
+            ),
+            "credential",
+        ) => true,
+        (Some(Denial::InsufficientPermissions(_)), "permissions") => true,
+        (Some(Denial::RateLimited), "tier") => true,
+        _ => false,
+    };
+    let verdict = |failed: bool| if failed { "FAIL" } else { "pass" };
+
+    let source = if d.client_ip == req.ip.to_canonical() {
+        "the socket peer".to_string()
+    } else {
+        format!("from X-Forwarded-For, via trusted proxy {}", req.ip)
+    };
+    line("client ip", format!("{} ({source})", d.client_ip));
+    let global = if policy.server.ip_allow.is_restricted() {
+        "server.ip_allow"
+    } else {
+        "no global allowlist"
+    };
+    line(
+        "global allow",
+        format!("{} ({global})", verdict(failed_at("global"))),
+    );
+    if failed_at("global") {
+        return decision(&mut line, policy, d);
+    }
+
+    match d.route {
+        Some(r) => {
+            let route = policy.route(r);
+            let methods = route
+                .methods
+                .as_ref()
+                .map_or("any method".to_string(), |m| {
+                    m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ")
+                });
+            let needs = if route.permissions.is_empty() {
+                String::new()
+            } else {
+                format!(", needs {}", route.permissions.join(", "))
+            };
+            line(
+                "route",
+                format!(
+                    "{:?} [{methods}]: {}{needs}",
+                    route.pattern,
+                    route.access.as_str()
+                ),
+            );
+        }
+        None => line(
+            "route",
+            format!("none matched: default_access = {}", d.access.as_str()),
+        ),
+    }
+    if d.access != Access::Authenticated {
+        if let Some(tier) = d.route.and_then(|r| policy.route(r).rate_tier) {
+            line(
+                "tier",
+                format!("per client address: {}", describe_tier(policy, tier)),
+            );
+        }
+        return decision(&mut line, policy, d);
+    }
+
+    let credential = match (req.token, req.api_key, d.principal) {
+        (_, _, Some(p)) => format!("{} ({})", verdict(false), p.method.as_str()),
+        (None, None, None) if !failed_at("credential") => "none".to_string(),
+        _ => format!(
+            "{}: {}",
+            verdict(failed_at("credential")),
+            denial.map_or(String::new(), |x| x.code().to_string())
+        ),
+    };
+    line("credential", credential);
+    let Some(p) = d.principal else {
+        return decision(&mut line, policy, d);
+    };
+    let who = match (p.user, p.key) {
+        (Some(u), Some(k)) => format!(
+            "key {:?} owned by user {:?} <{}>",
+            policy.api_key(k).id,
+            policy.user(u).id,
+            policy.user(u).email
+        ),
+        (Some(u), None) => format!("user {:?} <{}>", policy.user(u).id, policy.user(u).email),
+        (None, Some(k)) => format!("key {:?} (no owner)", policy.api_key(k).id),
+        (None, None) => String::new(),
+    };
+    line("principal", who);
+    line("ip rule", verdict(failed_at("ip")).to_string());
+    if failed_at("ip") {
+        return decision(&mut line, policy, d);
+    }
+    let needs = d
+        .route
+        .map_or_else(Vec::new, |r| policy.route(r).permissions.to_vec());
+    let holds: Vec<&str> = p.permissions(policy).iter().collect();
+    line(
+        "permissions",
+        format!(
+            "{}: needs [{}], holds [{}]",
+            verdict(failed_at("permissions")),
+            needs.join(", "),
+            holds.join(", ")
+        ),
+    );
+    if !failed_at("permissions") {
+        line("tier", describe_tier(policy, p.tier(policy)));
+    }
+    decision(&mut line, policy, d)
+}
+
+fn describe_tier(policy: &Policy, tier: crate::policy::TierIdx) -> String {
+    let t = policy.tier(tier);
+    match t.rate {
+        Rate::Unlimited => format!("{} (unlimited)", t.name),
+        Rate::Limited(q) => format!(
+            "{}: {} per {}, burst {} (explain does not count; live usage is not shown)",
+            t.name,
+            q.limit,
+            humantime::format_duration(q.period),
+            q.burst
+        ),
+    }
+}
+
+fn decision(line: &mut impl FnMut(&str, String), policy: &Policy, d: &Decision) {
+    match &d.verdict {
+        Ok(()) => line(
+            "decision",
+            format!("ALLOW: forwarded to {}", policy.upstream.url),
+        ),
+        Err(denial) => line(
+            "decision",
+            format!(
+                "DENY {} {}: {}",
+                denial.status(),
+                denial.code(),
+                denial.message()
+            ),
+        ),
+    }
+}
