@@ -37,6 +37,40 @@ pub struct File {
     pub api_keys: Vec<Spanned<ApiKey>>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,
+    #[serde(default)]
+    pub webhooks: Vec<Spanned<Webhook>>,
+}
+
+/// One name or several (`secret_env = "A"` or `secret_env = ["A", "B"]`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(Str),
+    Many(Vec<Str>),
+}
+
+impl OneOrMany {
+    pub fn names(&self) -> Vec<&Str> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v.iter().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub path: Str,
+    pub secret_env: Option<OneOrMany>,
+    #[serde(default)]
+    pub secrets_env: Vec<Str>,
+    pub secret_file: Option<OneOrMany>,
+    pub secret: Option<Str>,
+    pub header: Option<Str>,
+    pub max_body: Option<Spanned<i64>>,
+    pub timestamp_header: Option<Str>,
+    pub tolerance: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

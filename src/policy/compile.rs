@@ -100,6 +100,7 @@ impl Cx<'_> {
             &tier_index,
         );
         let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
+        let webhooks = self.webhooks(&f.webhooks);
 
         let jwks = jwt_keys.as_ref().map(jwks_document).unwrap_or_default();
         // Only needed when some user can log in; then shaped like their hashes.
@@ -109,6 +110,7 @@ impl Cx<'_> {
             .map(|like| crate::issue::dummy_hash_like(Some(like)))
             .unwrap_or_default();
         Some(Policy {
+            webhooks,
             dummy_password_hash,
             jwks,
             source: file.to_string(),
@@ -850,6 +852,102 @@ impl Cx<'_> {
                 }
                 (out, None)
             }
+        }
+    }
+
+    fn webhooks(&mut self, hooks: &[config::Spanned<config::Webhook>]) -> Vec<super::Webhook> {
+        let mut out: Vec<super::Webhook> = Vec::new();
+        for entry in hooks {
+            let w = entry.get_ref();
+            let path = w.path.get_ref();
+            if !path.starts_with('/') {
+                self.d
+                    .error(w.path.span(), "a webhook path must start with /");
+            }
+            if out.iter().any(|o| &*o.path == path.as_str()) {
+                self.d
+                    .error(w.path.span(), format!("duplicate webhook path {path:?}"));
+            }
+            let mut secrets = Vec::new();
+            let envs = w
+                .secret_env
+                .iter()
+                .flat_map(|e| e.names())
+                .chain(w.secrets_env.iter());
+            for name in envs {
+                match self.secrets.env(name.get_ref()) {
+                    Ok(v) if !v.is_empty() => secrets.push(v.into_bytes()),
+                    Ok(_) => self.d.error(
+                        name.span(),
+                        format!("environment variable {} is empty", name.get_ref()),
+                    ),
+                    Err(e) => self.d.error(name.span(), e),
+                }
+            }
+            for file in w.secret_file.iter().flat_map(|f| f.names()) {
+                if let Some(mut v) = self.read_file(file) {
+                    while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                        v.pop();
+                    }
+                    secrets.push(v);
+                }
+            }
+            if let Some(inline) = &w.secret {
+                self.d.warn(
+                    inline.span(),
+                    "inline webhook secret: prefer secret_env or secret_file",
+                );
+                secrets.push(inline.get_ref().as_bytes().to_vec());
+            }
+            if secrets.is_empty()
+                && w.secret_env.is_none()
+                && w.secrets_env.is_empty()
+                && w.secret_file.is_none()
+            {
+                self.d.error(
+                    entry.span(),
+                    "a webhook needs secret_env, secrets_env, secret_file or secret",
+                );
+            }
+            let header = self.header_name(w.header.as_ref(), "x-webhook-signature");
+            let max_body = match &w.max_body {
+                None => 1024 * 1024,
+                Some(n) if (1..=64 * 1024 * 1024).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    self.d
+                        .error(n.span(), "max_body must be between 1 and 67108864 bytes");
+                    1024 * 1024
+                }
+            };
+            let timestamp = match (&w.timestamp_header, &w.tolerance) {
+                (Some(h), tolerance) => Some((
+                    self.header_name(Some(h), "x-webhook-timestamp"),
+                    self.duration_or(tolerance.as_ref(), Duration::from_secs(300)),
+                )),
+                (None, Some(t)) => {
+                    self.d.error(t.span(), "tolerance needs timestamp_header");
+                    None
+                }
+                (None, None) => None,
+            };
+            out.push(super::Webhook {
+                path: path.as_str().into(),
+                secrets,
+                header,
+                max_body,
+                timestamp,
+            });
+        }
+        out
+    }
+
+    fn header_name(&mut self, s: Option<&Str>, default: &'static str) -> HeaderName {
+        match s {
+            None => HeaderName::from_static(default),
+            Some(s) => HeaderName::from_bytes(s.get_ref().as_bytes()).unwrap_or_else(|_| {
+                self.d.error(s.span(), "not a valid header name");
+                HeaderName::from_static(default)
+            }),
         }
     }
 

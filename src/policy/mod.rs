@@ -47,6 +47,8 @@ pub struct Policy {
     pub router: Router,
     /// `GET /.well-known/jwks.json`: the public keys of asymmetric keys.
     pub jwks: String,
+    /// Paths authenticated by signature instead of a credential.
+    pub webhooks: Vec<Webhook>,
     /// Verified when a login names no user with a password, so that every
     /// failed login costs the same (same argon2 parameters as the users').
     pub dummy_password_hash: String,
@@ -78,6 +80,11 @@ impl Policy {
     pub fn api_key_by_hash_prefix(&self, prefix: u64) -> Option<(KeyIdx, &ApiKey)> {
         let idx = *self.api_keys_by_hash_prefix.get(&prefix)?;
         Some((idx, &self.api_keys[idx as usize]))
+    }
+
+    /// The `[[webhooks]]` entry for exactly this path.
+    pub fn webhook(&self, path: &str) -> Option<&Webhook> {
+        self.webhooks.iter().find(|w| &*w.path == path)
     }
 
     pub fn user(&self, idx: UserIdx) -> &User {
@@ -338,6 +345,28 @@ pub struct ApiKey {
     /// The owner's account for an owned key, else the key's own.
     pub account: AccountId,
     pub id_header: HeaderValue,
+}
+
+/// An inbound webhook path: the body must carry a valid signature.
+pub struct Webhook {
+    pub path: Box<str>,
+    /// Every secret that may have signed (several during rotation).
+    pub secrets: Vec<Vec<u8>>,
+    pub header: HeaderName,
+    pub max_body: usize,
+    /// `timestamp_header` and its tolerance, when replay protection is on.
+    pub timestamp: Option<(HeaderName, Duration)>,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("path", &self.path)
+            .field("secrets", &self.secrets.len())
+            .field("header", &self.header)
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -195,72 +195,7 @@ impl ProxyHttp for Gateway {
                 "request reached upstream undecided",
             );
         };
-        if let Some(path) = &ctx.rewritten_path {
-            let target = match upstream.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.clone(),
-            };
-            upstream.set_raw_path(target.as_bytes())?;
-        }
-
-        // Whatever the client sent under our names is never believed.
-        let spoofed: Vec<HeaderName> = upstream
-            .headers
-            .keys()
-            .filter(|n| n.as_str().starts_with("x-auth-"))
-            .cloned()
-            .collect();
-        for name in &spoofed {
-            upstream.remove_header(name);
-        }
-        if !policy.upstream.forward_credentials {
-            upstream.remove_header(&AUTHORIZATION);
-            upstream.remove_header(&policy.auth.api_key_header);
-        }
-
-        if let Some(principal) = decision.principal {
-            let tier = policy.tier(principal.tier(policy));
-            upstream.insert_header(X_AUTH_SUBJECT, principal.subject(policy).clone())?;
-            if let Some(user) = principal.user {
-                upstream.insert_header(X_AUTH_EMAIL, policy.user(user).email_header.clone())?;
-            }
-            upstream.insert_header(X_AUTH_TIER, tier.header.clone())?;
-            upstream.insert_header(
-                X_AUTH_PERMISSIONS,
-                principal.permissions(policy).header().clone(),
-            )?;
-            upstream.insert_header(X_AUTH_METHOD, principal.method.header())?;
-            if let Some(key) = principal.key {
-                upstream.insert_header(X_AUTH_KEY_ID, policy.api_key(key).id_header.clone())?;
-            }
-        }
-        upstream.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-
-        // Behind a trusted proxy the chain so far is kept and the proxy
-        // appended; otherwise the client's own claims are dropped.
-        let peer = peer_ip(session);
-        if policy.server.trusted_proxies.contains(peer) {
-            let chain = session
-                .req_header()
-                .headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let value = if chain.is_empty() {
-                peer.to_string()
-            } else {
-                format!("{chain}, {peer}")
-            };
-            upstream.insert_header(X_FORWARDED_FOR, value)?;
-            if upstream.headers.get(X_FORWARDED_PROTO).is_none() {
-                upstream.insert_header(X_FORWARDED_PROTO, "http")?;
-            }
-        } else {
-            upstream.insert_header(X_FORWARDED_FOR, peer.to_string())?;
-            upstream.insert_header(X_FORWARDED_PROTO, "http")?;
-        }
+        prepare_upstream_request(upstream, policy, decision.principal, ctx, peer_ip(session))?;
         ctx.upstream_sent = Some(Instant::now());
         Ok(())
     }
@@ -503,6 +438,83 @@ async fn respond_issue(session: &mut Session, ctx: &mut Ctx, e: IssueError) -> R
     session
         .write_response_body(Some(Bytes::from(body)), true)
         .await
+}
+
+/// The request the upstream receives: normalised path, no client-made
+/// `X-Auth-*`, credentials stripped unless forwarded, identity and
+/// forwarding headers added. Used by the proxy and by the webhook path.
+fn prepare_upstream_request(
+    upstream: &mut RequestHeader,
+    policy: &Policy,
+    principal: Option<gate::Principal>,
+    ctx: &Ctx,
+    peer: IpAddr,
+) -> Result<()> {
+    if let Some(path) = &ctx.rewritten_path {
+        let target = match upstream.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        upstream.set_raw_path(target.as_bytes())?;
+    }
+
+    // Whatever the client sent under our names is never believed.
+    let spoofed: Vec<HeaderName> = upstream
+        .headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-auth-"))
+        .cloned()
+        .collect();
+    for name in &spoofed {
+        upstream.remove_header(name);
+    }
+    if !policy.upstream.forward_credentials {
+        upstream.remove_header(&AUTHORIZATION);
+        upstream.remove_header(&policy.auth.api_key_header);
+    }
+
+    if let Some(principal) = principal {
+        let tier = policy.tier(principal.tier(policy));
+        upstream.insert_header(X_AUTH_SUBJECT, principal.subject(policy).clone())?;
+        if let Some(user) = principal.user {
+            upstream.insert_header(X_AUTH_EMAIL, policy.user(user).email_header.clone())?;
+        }
+        upstream.insert_header(X_AUTH_TIER, tier.header.clone())?;
+        upstream.insert_header(
+            X_AUTH_PERMISSIONS,
+            principal.permissions(policy).header().clone(),
+        )?;
+        upstream.insert_header(X_AUTH_METHOD, principal.method.header())?;
+        if let Some(key) = principal.key {
+            upstream.insert_header(X_AUTH_KEY_ID, policy.api_key(key).id_header.clone())?;
+        }
+    }
+    upstream.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+
+    // Behind a trusted proxy the chain so far is kept and the proxy
+    // appended; otherwise the client's own claims are dropped.
+    if policy.server.trusted_proxies.contains(peer) {
+        let chain = upstream
+            .headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let value = if chain.is_empty() {
+            peer.to_string()
+        } else {
+            format!("{chain}, {peer}")
+        };
+        upstream.insert_header(X_FORWARDED_FOR, value)?;
+        if upstream.headers.get(X_FORWARDED_PROTO).is_none() {
+            upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+        }
+    } else {
+        upstream.insert_header(X_FORWARDED_FOR, peer.to_string())?;
+        upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+    }
+    Ok(())
 }
 
 fn peer_ip(session: &Session) -> IpAddr {
