@@ -62,10 +62,37 @@ enum Command {
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
     },
+    /// Sign or verify a webhook payload read from stdin
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
     /// Serve the example configuration with a built-in sample VM API, printing curl lines to try
     Demo {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhookAction {
+    /// Print the X-Webhook-Signature value (sha256=<hex>) for the payload on stdin
+    Sign {
+        /// Environment variable holding the secret
+        #[arg(long)]
+        secret_env: String,
+        /// Sign `timestamp.payload` instead (replay protection)
+        #[arg(long)]
+        timestamp: Option<String>,
+    },
+    /// Check a signature against the payload on stdin; exit 0 valid, 1 invalid
+    Verify {
+        #[arg(long)]
+        secret_env: String,
+        #[arg(long)]
+        signature: String,
+        #[arg(long)]
+        timestamp: Option<String>,
     },
 }
 
@@ -78,6 +105,31 @@ fn main() -> ExitCode {
         }
         Command::NewApiKey { prefix, id } => keygate::cli::new_api_key(&prefix, id.as_deref()),
         Command::HashPassword => keygate::cli::hash_password(),
+        Command::Webhook {
+            action:
+                WebhookAction::Sign {
+                    secret_env,
+                    timestamp,
+                },
+        } => keygate::cli::webhook_sign(&secret_env, timestamp.as_deref()),
+        Command::Webhook {
+            action:
+                WebhookAction::Verify {
+                    secret_env,
+                    signature,
+                    timestamp,
+                },
+        } => {
+            return match keygate::cli::webhook_verify(&secret_env, &signature, timestamp.as_deref())
+            {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("keygate: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Explain {
             config,
             method,

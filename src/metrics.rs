@@ -19,6 +19,7 @@ pub struct Metrics {
     pub auth_denials: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub webhook_verifications: IntCounterVec,
     pub tokens_issued: IntCounterVec,
     pub refresh_reuse: IntCounter,
     pub login_failures: IntCounter,
@@ -102,6 +103,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["tier"]
         )
         .expect("register keygate_rate_limited_total"),
+        webhook_verifications: register_int_counter_vec!(
+            "keygate_webhook_verifications_total",
+            "Inbound webhook signature checks, by configured path and result (valid, mismatch, malformed, missing, stale, too_large).",
+            &["path", "result"]
+        )
+        .expect("register keygate_webhook_verifications_total"),
         tokens_issued: register_int_counter_vec!(
             "keygate_tokens_issued_total",
             "Access tokens issued, by grant (password, refresh_token).",

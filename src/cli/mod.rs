@@ -118,6 +118,51 @@ pub fn new_api_key(prefix: &str, id: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The secret named by `--secret-env`.
+fn webhook_secret(var: &str) -> anyhow::Result<Vec<u8>> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
+        _ => bail!("environment variable {var} is not set (or empty)"),
+    }
+}
+
+fn stdin_bytes() -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut body)
+        .context("reading the payload from stdin")?;
+    Ok(body)
+}
+
+/// `keygate webhook sign`: the header value for the payload on stdin,
+/// byte for byte (a trailing newline is part of the payload).
+pub fn webhook_sign(secret_env: &str, timestamp: Option<&str>) -> anyhow::Result<()> {
+    let secret = webhook_secret(secret_env)?;
+    let body = stdin_bytes()?;
+    println!("{}", crate::webhook::sign(&secret, timestamp, &body));
+    Ok(())
+}
+
+/// `keygate webhook verify`: `Ok(true)` when `signature` matches the payload on stdin.
+pub fn webhook_verify(
+    secret_env: &str,
+    signature: &str,
+    timestamp: Option<&str>,
+) -> anyhow::Result<bool> {
+    let secret = webhook_secret(secret_env)?;
+    let body = stdin_bytes()?;
+    match crate::webhook::verify(&[secret], Some(signature), timestamp, &body) {
+        Ok(()) => {
+            println!("valid");
+            Ok(true)
+        }
+        Err(refusal) => {
+            println!("invalid: {}", refusal.message());
+            Ok(false)
+        }
+    }
+}
+
 /// `keygate hash-password`: a password on stdin, an argon2id PHC string out.
 pub fn hash_password() -> anyhow::Result<()> {
     use argon2::password_hash::{PasswordHasher, SaltString};

@@ -42,18 +42,20 @@ pub struct File {
 }
 
 /// One name or several (`secret_env = "A"` or `secret_env = ["A", "B"]`).
+/// Untagged enums lose toml's spans, so problems with these names are
+/// reported at the entry that holds them.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
-    One(Str),
-    Many(Vec<Str>),
+    One(String),
+    Many(Vec<String>),
 }
 
 impl OneOrMany {
-    pub fn names(&self) -> Vec<&Str> {
+    pub fn names(&self) -> Vec<&str> {
         match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v.iter().collect(),
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
         }
     }
 }

@@ -873,23 +873,30 @@ impl Cx<'_> {
                 .secret_env
                 .iter()
                 .flat_map(|e| e.names())
-                .chain(w.secrets_env.iter());
-            for name in envs {
-                match self.secrets.env(name.get_ref()) {
+                .map(|n| (n, entry.span()))
+                .chain(
+                    w.secrets_env
+                        .iter()
+                        .map(|n| (n.get_ref().as_str(), n.span())),
+                );
+            for (name, span) in envs {
+                match self.secrets.env(name) {
                     Ok(v) if !v.is_empty() => secrets.push(v.into_bytes()),
-                    Ok(_) => self.d.error(
-                        name.span(),
-                        format!("environment variable {} is empty", name.get_ref()),
-                    ),
-                    Err(e) => self.d.error(name.span(), e),
+                    Ok(_) => self
+                        .d
+                        .error(span, format!("environment variable {name} is empty")),
+                    Err(e) => self.d.error(span, e),
                 }
             }
             for file in w.secret_file.iter().flat_map(|f| f.names()) {
-                if let Some(mut v) = self.read_file(file) {
-                    while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                        v.pop();
+                match self.secrets.file(Path::new(file)) {
+                    Ok(mut v) => {
+                        while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                            v.pop();
+                        }
+                        secrets.push(v);
                     }
-                    secrets.push(v);
+                    Err(e) => self.d.error(entry.span(), e),
                 }
             }
             if let Some(inline) = &w.secret {

@@ -44,6 +44,10 @@ pub struct Gateway {
     pub store: Arc<PolicyStore>,
     pub limiter: Arc<Limiter>,
     pub issuer: Arc<Issuer>,
+    /// For webhook bodies, which are read whole before the upstream is
+    /// contacted and so cannot go through pingora's proxy loop (it replays
+    /// at most 64 KiB of an already-read body).
+    pub connector: pingora::connectors::http::v1::Connector,
 }
 
 /// The endpoints keygate serves itself instead of forwarding.
@@ -90,6 +94,8 @@ pub struct Ctx {
     refused: Option<(u16, &'static str)>,
     /// Set when the request was for one of keygate's own endpoints.
     endpoint: Option<Endpoint>,
+    /// Set when the path is a `[[webhooks]]` path (its label).
+    webhook: Option<Box<str>>,
     upstream_sent: Option<Instant>,
     upstream_elapsed: Option<Duration>,
 }
@@ -107,6 +113,7 @@ impl ProxyHttp for Gateway {
             rewritten_path: None,
             refused: None,
             endpoint: None,
+            webhook: None,
             upstream_sent: None,
             upstream_elapsed: None,
         }
@@ -133,6 +140,14 @@ impl ProxyHttp for Gateway {
                 .await?;
             return Ok(true);
         }
+        if let std::borrow::Cow::Owned(p) = &path {
+            ctx.rewritten_path = Some(p.clone());
+        }
+        if let Some(hook) = policy.webhook(&path) {
+            ctx.webhook = Some(hook.path.clone());
+            self.serve_webhook(session, ctx, &policy, peer).await?;
+            return Ok(true);
+        }
         let decision = {
             let req = session.req_header();
             let facts = RequestFacts {
@@ -149,9 +164,6 @@ impl ProxyHttp for Gateway {
                 .observe(started.elapsed().as_secs_f64());
             decision
         };
-        if let std::borrow::Cow::Owned(p) = path {
-            ctx.rewritten_path = Some(p);
-        }
         let verdict = decision.verdict.clone();
         ctx.decision = Some(decision);
         match verdict {
@@ -253,10 +265,11 @@ impl ProxyHttp for Gateway {
             return;
         };
         let decision = ctx.decision.as_ref();
-        let route = match (ctx.endpoint, decision.and_then(|d| d.route)) {
-            (Some(endpoint), _) => endpoint.label(),
-            (None, Some(r)) => &*policy.route(r).pattern,
-            (None, None) => "unmatched",
+        let route = match (ctx.endpoint, &ctx.webhook, decision.and_then(|d| d.route)) {
+            (Some(endpoint), _, _) => endpoint.label(),
+            (None, Some(hook), _) => hook,
+            (None, None, Some(r)) => &*policy.route(r).pattern,
+            (None, None, None) => "unmatched",
         };
         let method = method_label(&session.req_header().method);
         METRICS
@@ -385,6 +398,135 @@ impl Gateway {
             }
             Err(e) => respond_issue(session, ctx, e).await,
         }
+    }
+}
+
+impl Gateway {
+    /// A `[[webhooks]]` path: read the whole body (bounded), check its
+    /// signature, and only then contact the upstream with the untouched body.
+    async fn serve_webhook(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        policy: &Arc<Policy>,
+        peer: IpAddr,
+    ) -> Result<()> {
+        let Some(hook) = ctx.webhook.as_deref().and_then(|p| policy.webhook(p)) else {
+            return respond_issue(session, ctx, IssueError::Internal).await;
+        };
+        let label = hook.path.clone();
+        let count = |result: &str| {
+            METRICS
+                .webhook_verifications
+                .with_label_values(&[&label, result])
+                .inc();
+        };
+        let client_ip = gate::client_ip::resolve(
+            peer,
+            &session.req_header().headers,
+            &policy.server.trusted_proxies,
+        );
+        if !policy.server.ip_allow.permits(client_ip) {
+            return respond_denial(session, ctx, &Denial::IpNotAllowed).await;
+        }
+        let body = match read_body(session, hook.max_body).await? {
+            Ok(body) => body,
+            Err(e) => {
+                count("too_large");
+                return respond_issue(session, ctx, e).await;
+            }
+        };
+        let headers = &session.req_header().headers;
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let verdict = match &hook.timestamp {
+            Some((ts_header, tolerance)) => crate::webhook::check_timestamp(
+                text(ts_header),
+                crate::policy::unix_now(),
+                tolerance.as_secs(),
+            )
+            .and_then(|ts| {
+                crate::webhook::verify(&hook.secrets, text(&hook.header), Some(ts), &body)
+            }),
+            None => crate::webhook::verify(&hook.secrets, text(&hook.header), None, &body),
+        };
+        if let Err(refusal) = verdict {
+            count(refusal.label());
+            METRICS
+                .auth_denials
+                .with_label_values(&["invalid_signature"])
+                .inc();
+            ctx.refused = Some((401, "invalid_signature"));
+            let body = gate::error_body(
+                401,
+                "invalid_signature",
+                refusal.message(),
+                request_id_str(&ctx.request_id),
+            );
+            let challenge = format!(r#"HMAC-SHA256 realm="keygate", header="{}""#, hook.header);
+            return write_json(session, 401, &ctx.request_id, Some(challenge), None, body).await;
+        }
+        count("valid");
+        self.forward_buffered(session, ctx, policy, peer, Bytes::from(body))
+            .await
+    }
+
+    /// Send a request whose body keygate already holds, and relay the answer.
+    async fn forward_buffered(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        policy: &Policy,
+        peer: IpAddr,
+        body: Bytes,
+    ) -> Result<()> {
+        let up = &policy.upstream;
+        let mut target = HttpPeer::new(up.addr, up.tls, up.sni.clone());
+        target.options.connection_timeout = Some(up.connect_timeout);
+        target.options.read_timeout = Some(up.read_timeout);
+        target.options.write_timeout = Some(up.read_timeout);
+        let mut request = session.req_header().clone();
+        prepare_upstream_request(&mut request, policy, None, ctx, peer)?;
+        request.remove_header(&http::header::TRANSFER_ENCODING);
+        request.insert_header(CONTENT_LENGTH, body.len())?;
+        ctx.upstream_sent = Some(Instant::now());
+        let exchange = async {
+            let (mut http, _reused) = self.connector.get_http_session(&target).await?;
+            http.write_request_header(Box::new(request)).await?;
+            http.write_body(&body).await?;
+            http.finish_body().await?;
+            http.read_response().await?;
+            Ok::<_, Box<Error>>(http)
+        };
+        let mut http = match exchange.await {
+            Ok(http) => http,
+            Err(e) => {
+                let e = e.into_up();
+                let (status, code, message, kind) = classify_failure(&e);
+                if let Some(kind) = kind {
+                    METRICS.upstream_errors.with_label_values(&[kind]).inc();
+                }
+                ctx.refused = Some((status, code));
+                let body = gate::error_body(status, code, message, request_id_str(&ctx.request_id));
+                return write_json(session, status, &ctx.request_id, None, None, body).await;
+            }
+        };
+        ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
+        let Some(header) = http.resp_header() else {
+            return Error::e_explain(ErrorType::InternalError, "upstream answer without a header");
+        };
+        let mut response = header.clone();
+        response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        session
+            .write_response_header(Box::new(response), false)
+            .await?;
+        while let Some(chunk) = http.read_body_bytes().await? {
+            session.write_response_body(Some(chunk), false).await?;
+        }
+        session.write_response_body(None, true).await?;
+        self.connector
+            .release_http_session(http, &target, None)
+            .await;
+        Ok(())
     }
 }
 

@@ -62,6 +62,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             store: store.clone(),
             limiter,
             issuer,
+            connector: pingora::connectors::http::v1::Connector::new(None),
         },
         "keygate proxy",
     );
