@@ -20,6 +20,7 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub webhook_verifications: IntCounterVec,
+    pub relay_deliveries: IntCounterVec,
     pub tokens_issued: IntCounterVec,
     pub refresh_reuse: IntCounter,
     pub login_failures: IntCounter,
@@ -109,6 +110,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["path", "result"]
         )
         .expect("register keygate_webhook_verifications_total"),
+        relay_deliveries: register_int_counter_vec!(
+            "keygate_webhook_relay_deliveries_total",
+            "Relayed webhooks, by result: the destination's status class, or refused, unreachable, timeout, too_large.",
+            &["result"]
+        )
+        .expect("register keygate_webhook_relay_deliveries_total"),
         tokens_issued: register_int_counter_vec!(
             "keygate_tokens_issued_total",
             "Access tokens issued, by grant (password, refresh_token).",

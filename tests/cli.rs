@@ -230,3 +230,43 @@ fn demo_curl_lines_behave_as_printed() {
     let _ = demo.kill();
     let _ = demo.wait();
 }
+
+/// The example documents [[webhooks]] and [webhook_relay] as comments (they
+/// need secrets a fresh checkout does not have); uncommented, they are valid.
+#[test]
+fn the_commented_webhook_sections_of_the_example_are_valid() {
+    let text = example();
+    let start = text.find("# [[webhooks]]").expect("webhooks documented");
+    let uncommented: Vec<String> = text[start..]
+        .lines()
+        .map(|l| {
+            let setting = l.strip_prefix("# ").filter(|rest| {
+                rest.starts_with('[')
+                    || (rest.contains(" = ")
+                        && rest.chars().next().is_some_and(|c| c.is_ascii_lowercase()))
+            });
+            setting.map_or_else(|| l.to_string(), str::to_string)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.toml");
+    std::fs::write(
+        &path,
+        format!("{}{}", &text[..start], uncommented.join("\n")),
+    )
+    .unwrap();
+    let out = keygate()
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("KEYGATE_JWT_SECRET", "x".repeat(40))
+        .env("BILLING_WEBHOOK_SECRET", "a")
+        .env("BILLING_WEBHOOK_SECRET_NEXT", "b")
+        .env("CUST42_WEBHOOK_SECRET", "c")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

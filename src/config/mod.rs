@@ -39,6 +39,29 @@ pub struct File {
     pub routes: Vec<Spanned<Route>>,
     #[serde(default)]
     pub webhooks: Vec<Spanned<Webhook>>,
+    pub webhook_relay: Option<WebhookRelay>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRelay {
+    pub listen: Str,
+    pub max_body: Option<Spanned<i64>>,
+    pub timeout: Option<Str>,
+    #[serde(default)]
+    pub subscribers: Vec<Spanned<Subscriber>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscriber {
+    pub id: Str,
+    pub url_prefix: Str,
+    pub secret_env: Option<Str>,
+    pub secret_file: Option<Str>,
+    pub secret: Option<Str>,
+    pub header: Option<Str>,
+    pub timestamp_header: Option<Str>,
 }
 
 /// One name or several (`secret_env = "A"` or `secret_env = ["A", "B"]`).

@@ -101,6 +101,7 @@ impl Cx<'_> {
         );
         let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
         let webhooks = self.webhooks(&f.webhooks);
+        let relay = f.webhook_relay.as_ref().map(|r| self.relay(r));
 
         let jwks = jwt_keys.as_ref().map(jwks_document).unwrap_or_default();
         // Only needed when some user can log in; then shaped like their hashes.
@@ -110,6 +111,7 @@ impl Cx<'_> {
             .map(|like| crate::issue::dummy_hash_like(Some(like)))
             .unwrap_or_default();
         Some(Policy {
+            relay: relay.flatten(),
             webhooks,
             dummy_password_hash,
             jwks,
@@ -946,6 +948,68 @@ impl Cx<'_> {
             });
         }
         out
+    }
+
+    fn relay(&mut self, r: &config::WebhookRelay) -> Option<super::Relay> {
+        let listen = self.socket_addr(Some(&r.listen), "127.0.0.1:8091");
+        let max_body = match &r.max_body {
+            None => 1024 * 1024,
+            Some(n) if (1..=64 * 1024 * 1024).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                self.d
+                    .error(n.span(), "max_body must be between 1 and 67108864 bytes");
+                1024 * 1024
+            }
+        };
+        let mut subscribers: Vec<super::Subscriber> = Vec::new();
+        for entry in &r.subscribers {
+            let s = entry.get_ref();
+            let id = s.id.get_ref();
+            if id.is_empty() || subscribers.iter().any(|o| &*o.id == id.as_str()) {
+                self.d.error(
+                    s.id.span(),
+                    format!("subscriber id {id:?} is empty or used twice"),
+                );
+            }
+            let prefix = match super::Destination::parse(s.url_prefix.get_ref()) {
+                // A prefix without a path ("https://a.example") would let
+                // "https://a.example.evil" through a plain string comparison;
+                // comparing parsed parts needs the path to end in '/'.
+                Some(p) if p.path.ends_with('/') => p,
+                _ => {
+                    self.d.error(
+                        s.url_prefix.span(),
+                        "url_prefix must be an http(s) URL whose path ends with /, like https://hooks.example.com/keygate/",
+                    );
+                    continue;
+                }
+            };
+            let Some(secret) = self.secret(
+                entry.span(),
+                &s.secret_env,
+                &s.secret_file,
+                &s.secret,
+                "a subscriber",
+            ) else {
+                continue;
+            };
+            subscribers.push(super::Subscriber {
+                id: id.as_str().into(),
+                prefix,
+                secret,
+                header: self.header_name(s.header.as_ref(), "x-webhook-signature"),
+                timestamp_header: s
+                    .timestamp_header
+                    .as_ref()
+                    .map(|h| self.header_name(Some(h), "x-webhook-timestamp")),
+            });
+        }
+        Some(super::Relay {
+            listen: listen?,
+            max_body,
+            timeout: self.duration_or(r.timeout.as_ref(), Duration::from_secs(10)),
+            subscribers,
+        })
     }
 
     fn header_name(&mut self, s: Option<&Str>, default: &'static str) -> HeaderName {

@@ -49,6 +49,8 @@ pub struct Policy {
     pub jwks: String,
     /// Paths authenticated by signature instead of a credential.
     pub webhooks: Vec<Webhook>,
+    /// The outbound signing relay, when configured.
+    pub relay: Option<Relay>,
     /// Verified when a login names no user with a password, so that every
     /// failed login costs the same (same argon2 parameters as the users').
     pub dummy_password_hash: String,
@@ -366,6 +368,90 @@ impl std::fmt::Debug for Webhook {
             .field("header", &self.header)
             .field("max_body", &self.max_body)
             .finish_non_exhaustive()
+    }
+}
+
+/// The signing relay for webhooks the upstream sends to its customers.
+#[derive(Debug)]
+pub struct Relay {
+    pub listen: SocketAddr,
+    pub max_body: usize,
+    pub timeout: Duration,
+    pub subscribers: Vec<Subscriber>,
+}
+
+impl Relay {
+    pub fn subscriber(&self, id: &str) -> Option<&Subscriber> {
+        self.subscribers.iter().find(|s| &*s.id == id)
+    }
+}
+
+pub struct Subscriber {
+    pub id: Box<str>,
+    /// Destinations must have this scheme, host and port, and a path under it.
+    pub prefix: Destination,
+    pub secret: Vec<u8>,
+    pub header: HeaderName,
+    pub timestamp_header: Option<HeaderName>,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("id", &self.id)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An absolute http(s) URL, taken apart for comparison and connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub tls: bool,
+    /// Lower-cased.
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Destination {
+    /// Parse an absolute URL; user info, fragments and other schemes are refused.
+    pub fn parse(url: &str) -> Option<Destination> {
+        let uri: http::Uri = url.parse().ok()?;
+        let tls = match uri.scheme_str()? {
+            "http" => false,
+            "https" => true,
+            _ => return None,
+        };
+        let authority = uri.authority()?;
+        if authority.as_str().contains('@') || url.contains('#') {
+            return None;
+        }
+        let host = authority.host().to_ascii_lowercase();
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = if path.is_empty() { "/" } else { path };
+        Some(Destination {
+            tls,
+            host,
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    /// Same scheme, host and port, and a path under this prefix's path.
+    /// Dot segments are refused so `/hooks/../admin` cannot climb out.
+    pub fn allows(&self, dest: &Destination) -> bool {
+        self.tls == dest.tls
+            && self.host == dest.host
+            && self.port == dest.port
+            && dest.path.starts_with(&self.path)
+            && !dest
+                .path
+                .split(['/', '?'])
+                .any(|seg| seg == ".." || seg == ".")
+            && !dest.path.to_ascii_lowercase().contains("%2e")
     }
 }
 

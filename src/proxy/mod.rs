@@ -4,6 +4,7 @@
 mod access_log;
 mod admin;
 mod gateway;
+mod relay;
 mod reload;
 pub mod sample_upstream;
 
@@ -33,6 +34,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     claim_sighup();
 
     let server_settings = policy.server.clone();
+    let relay_listen = policy.relay.as_ref().map(|r| r.listen);
     record_policy(policy.counts(), true);
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
@@ -80,6 +82,18 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     admin.threads = Some(1);
     server.add_service(admin);
 
+    if let Some(listen) = relay_listen {
+        let mut relay = Service::new(
+            "keygate webhook relay".to_string(),
+            relay::Relay {
+                store: store.clone(),
+                connector: pingora::connectors::http::v1::Connector::new(None),
+            },
+        );
+        relay.add_tcp(&listen.to_string());
+        relay.threads = Some(1);
+        server.add_service(relay);
+    }
     server.add_service(background_service(
         "sighup reloader",
         reload::SighupReloader {

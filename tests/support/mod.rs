@@ -34,6 +34,8 @@ pub struct Keygate {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub admin_port: u16,
+    /// For `{relay}` in the config.
+    pub relay_port: u16,
 }
 
 impl Keygate {
@@ -52,6 +54,7 @@ impl Keygate {
             dir,
             port,
             admin_port,
+            relay_port: free_port(),
         };
         kg.write_config(config, upstream_port);
         kg.spawn(env);
@@ -63,6 +66,7 @@ impl Keygate {
         let (dir, port, admin_port) = (&self.dir, self.port, self.admin_port);
         let text = config
             .replace("{listen}", &format!("127.0.0.1:{port}"))
+            .replace("{relay}", &format!("127.0.0.1:{}", self.relay_port))
             .replace("{admin}", &format!("127.0.0.1:{admin_port}"))
             .replace("{upstream}", &format!("http://127.0.0.1:{upstream_port}"))
             .replace("{keys}", &fixture("keys").display().to_string())
