@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Loopback load comparison: wrk straight to a static nginx upstream, and
-# through keygate (JWT and API key), in interleaved rounds so machine noise
-# hits every target alike. Bounded: ROUNDS x targets x DURATION seconds.
+# Loopback load comparison, every contender with ONE worker thread, in
+# interleaved rounds so machine noise hits every target alike:
+#   direct          wrk straight to a static nginx upstream (the ceiling)
+#   nginx-proxy     nginx proxy_pass, no auth, upstream keepalive
+#   haproxy-jwt     HAProxy 2.6: jwt_verify HS256 + exp check + stick-table rate per sub
+#   keygate-jwt     keygate, HS256 JWT, limited tier (limiter active)
+#   keygate-apikey  keygate, API key, same account
+# Bounded: ROUNDS x targets x DURATION seconds.
 #
 #   benches/load.sh                 # 3 rounds of 10 s, 32 connections
 #   ROUNDS=5 DURATION=15s benches/load.sh
@@ -18,6 +23,7 @@ THREADS=${KEYGATE_THREADS:-1}
 need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
+command -v haproxy >/dev/null || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -30,7 +36,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port)
+UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port)
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -93,6 +99,7 @@ secret_env = "KEYGATE_JWT_SECRET"
 sign = true
 [tiers.pro]
 limit = 1000000000
+period = "1h"
 [[users]]
 email = "load@example.com"
 id = "u_load"
@@ -107,6 +114,36 @@ path = "/v1/vms"
 methods = ["GET"]
 permissions = ["vms:read"]
 TOML
+cat > "$work/haproxy.cfg" <<HAPROXY
+global
+  nbthread 1
+  log stdout format raw local0 emerg
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+backend per_sub
+  stick-table type string len 64 size 100k expire 1h store http_req_rate(1h)
+backend api
+  http-reuse always
+  server s1 127.0.0.1:$UP
+frontend fe
+  bind 127.0.0.1:$HAP
+  http-request set-var(txn.bearer) http_auth_bearer
+  http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('\$.alg')
+  http-request deny status 401 unless { var(txn.alg) -m str HS256 }
+  http-request deny status 401 unless { var(txn.bearer),jwt_verify(txn.alg,"$KEYGATE_JWT_SECRET") -m int 1 }
+  http-request set-var(txn.now) date()
+  http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('\$.exp','int')
+  http-request deny status 401 if { var(txn.exp),sub(txn.now) -m int le 0 }
+  http-request set-var(txn.sub) var(txn.bearer),jwt_payload_query('\$.sub')
+  http-request track-sc0 var(txn.sub) table per_sub
+  http-request deny status 429 if { sc_http_req_rate(0,per_sub) gt 1000000000 }
+  default_backend api
+HAPROXY
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
 "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
 
@@ -120,15 +157,22 @@ s = b(hmac.new(sys.argv[1].encode(), h + b"." + c, hashlib.sha256).digest())
 print((h + b"." + c + b"." + s).decode())
 PY
 )
-for check in "-H x-api-key:$API_KEY" "-H authorization:Bearer\ $JWT"; do
-    code=$(eval curl -s -o /dev/null -w '%{http_code}' $check "http://127.0.0.1:$KG/v1/vms")
-    [ "$code" = 200 ] || { echo "keygate answered $code during the smoke check"; cat "$work/keygate.log"; exit 1; }
-done
+smoke() { # expected-status url header...
+    local want=$1 url=$2; shift 2
+    local got; got=$(curl -s -o /dev/null -w '%{http_code}' "$@" "$url")
+    [ "$got" = "$want" ] || { echo "smoke check: $url answered $got, not $want"; tail -n 20 "$work"/*.log; exit 1; }
+}
+smoke 200 "http://127.0.0.1:$KG/v1/vms" -H "X-API-Key: $API_KEY"
+smoke 200 "http://127.0.0.1:$KG/v1/vms" -H "Authorization: Bearer $JWT"
+smoke 200 "http://127.0.0.1:$HAP/v1/vms" -H "Authorization: Bearer $JWT"
+smoke 401 "http://127.0.0.1:$HAP/v1/vms" -H "Authorization: Bearer ${JWT%?}x"
+smoke 401 "http://127.0.0.1:$HAP/v1/vms"
 
 # name|url|header
 targets=(
   "direct|http://127.0.0.1:$UP/v1/vms|"
   "nginx-proxy|http://127.0.0.1:$NGX/v1/vms|"
+  "haproxy-jwt|http://127.0.0.1:$HAP/v1/vms|Authorization: Bearer $JWT"
   "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
 )
@@ -147,11 +191,15 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$ROUNDS" "${rps[direct]}" "${rps[nginx-proxy]}" "${rps[keygate-jwt]}" "${rps[keygate-apikey]}" \
-  "${p50[direct]}" "${p50[nginx-proxy]}" "${p50[keygate-jwt]}" "${p50[keygate-apikey]}" \
-  "${p99[direct]}" "${p99[nginx-proxy]}" "${p99[keygate-jwt]}" "${p99[keygate-apikey]}" <<'PY'
+args=()
+for m in rps p50 p99; do
+  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey; do
+    eval "args+=(\"\${$m[$n]}\")"
+  done
+done
+python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "keygate-jwt", "keygate-apikey"]
+names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
@@ -162,9 +210,9 @@ rps = {n: statistics.median(float(x) for x in a[i].split()) for i, n in enumerat
 k = len(names)
 p50 = {n: statistics.median(ms(x) for x in a[k + i].split()) for i, n in enumerate(names)}
 p99 = {n: statistics.median(ms(x) for x in a[2 * k + i].split()) for i, n in enumerate(names)}
-print(f"median of {sys.argv[1]} interleaved rounds; wrk -t1, keygate 1 thread, nginx 1 worker")
-print("| target | req/s | p50 ms | p99 ms | vs direct | vs nginx-proxy |")
+print(f"median of {sys.argv[1]} interleaved rounds; wrk -t1 -c32; one worker thread each")
+print("| target | req/s | p50 ms | p99 ms | vs nginx-proxy | vs haproxy-jwt |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for n in names:
-    print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {rps[n] / rps['direct']:.2f}x | {rps[n] / rps['nginx-proxy']:.2f}x |")
+    print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {rps[n] / rps['nginx-proxy']:.2f}x | {rps[n] / rps['haproxy-jwt']:.2f}x |")
 PY

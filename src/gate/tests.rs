@@ -589,3 +589,52 @@ fn rate_tier_on_an_authenticated_route_is_a_config_error() {
         .iter()
         .any(|e| e.message.contains("rate_tier is for public routes")));
 }
+
+// ----- verified-token cache ----------------------------------------------
+
+#[test]
+fn a_cached_token_still_expires() {
+    let policy = testing::policy();
+    let t = token("hs", "u_alice");
+    assert_eq!(verify_jwt(&policy, &t, NOW).map(|_| ()), Ok(()));
+    assert_eq!(policy.verified_tokens.len(), 1);
+    assert_eq!(
+        verify_jwt(&policy, &t, NOW + 3600 + 61),
+        Err(Denial::TokenExpired)
+    );
+}
+
+#[test]
+fn only_the_identical_token_hits_the_cache() {
+    let policy = testing::policy();
+    let t = token("hs", "u_alice");
+    assert!(verify_jwt(&policy, &t, NOW).is_ok());
+    let (head, sig) = t.rsplit_once('.').unwrap();
+    let mut sig = sig.to_string();
+    let last = sig.pop().unwrap();
+    sig.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(
+        verify_jwt(&policy, &format!("{head}.{sig}"), NOW),
+        Err(Denial::InvalidToken("signature does not match"))
+    );
+    assert_eq!(
+        policy.verified_tokens.len(),
+        1,
+        "refused tokens are never cached"
+    );
+}
+
+#[test]
+fn a_reload_starts_with_an_empty_cache() {
+    let t = token("hs", "u_alice");
+    let before = testing::policy();
+    assert!(verify_jwt(&before, &t, NOW).is_ok());
+    let src =
+        testing::base_toml().replace("id = \"u_alice\"\n", "id = \"u_alice\"\ndisabled = true\n");
+    let after = testing::compile_str(&src).unwrap().policy;
+    assert!(after.verified_tokens.is_empty());
+    assert_eq!(
+        verify_jwt(&after, &t, NOW),
+        Err(Denial::InvalidToken("the account is disabled"))
+    );
+}

@@ -111,6 +111,7 @@ impl Cx<'_> {
             .map(|like| crate::issue::dummy_hash_like(Some(like)))
             .unwrap_or_default();
         Some(Policy {
+            verified_tokens: super::TokenCache::new(super::TokenCache::CAPACITY),
             relay: relay.flatten(),
             webhooks,
             dummy_password_hash,

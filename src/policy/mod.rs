@@ -51,6 +51,9 @@ pub struct Policy {
     pub webhooks: Vec<Webhook>,
     /// The outbound signing relay, when configured.
     pub relay: Option<Relay>,
+    /// JWTs this policy has already verified (see `gate::jwt`). It belongs
+    /// to the policy, so a reload starts with an empty one.
+    pub verified_tokens: TokenCache,
     /// Verified when a login names no user with a password, so that every
     /// failed login costs the same (same argon2 parameters as the users').
     pub dummy_password_hash: String,
@@ -113,6 +116,62 @@ impl Policy {
             tiers: self.tiers.len(),
             jwt_keys: self.jwt_keys.keys.len(),
         }
+    }
+}
+
+/// Verified tokens and what the gate needs to re-check on each use: the
+/// time claims. Keyed by the whole token, so only a byte-identical token
+/// hits. Bounded: when full it is emptied and refills with tokens in use.
+pub struct TokenCache {
+    map: dashmap::DashMap<Box<str>, VerifiedToken>,
+    capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VerifiedToken {
+    pub user: UserIdx,
+    pub exp: f64,
+    pub nbf: Option<f64>,
+    pub iat: Option<f64>,
+}
+
+impl TokenCache {
+    pub const CAPACITY: usize = 50_000;
+
+    pub fn new(capacity: usize) -> TokenCache {
+        TokenCache {
+            map: dashmap::DashMap::new(),
+            capacity,
+        }
+    }
+
+    pub fn get(&self, token: &str) -> Option<VerifiedToken> {
+        self.map.get(token).map(|v| *v)
+    }
+
+    pub fn insert(&self, token: &str, verified: VerifiedToken) {
+        if self.map.len() >= self.capacity {
+            self.map.clear();
+        }
+        self.map.insert(token.into(), verified);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn clear(&self) {
+        self.map.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenCache({} of {})", self.map.len(), self.capacity)
     }
 }
 
