@@ -2,9 +2,7 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
+use support::seed::seed_verifies;
 use support::*;
 
 const SECRET: &str = "whsec_cust42_0123456789";
@@ -57,36 +55,6 @@ fn relay(
         r = r.header("X-Webhook-Destination", d);
     }
     r.send().unwrap()
-}
-
-/// The seed's verify_webhook, verbatim.
-fn seed_verifies(payload: &[u8], signature: &str, secret: &str) -> bool {
-    let script = r#"
-import hmac
-import hashlib
-import sys
-
-def verify_webhook(payload, signature, secret):
-    expected = hmac.new(
-        secret.encode(),
-        payload.encode(),
-        hashlib.sha256
-    ).hexdigest()
-    
-    return hmac.compare_digest(
-        f"sha256={expected}",
-        signature
-    )
-
-sys.exit(0 if verify_webhook(sys.stdin.buffer.read().decode(), sys.argv[1], sys.argv[2]) else 1)
-"#;
-    let mut child = Command::new("python3")
-        .args(["-c", script, signature, secret])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child.stdin.take().unwrap().write_all(payload).unwrap();
-    child.wait().unwrap().success()
 }
 
 const EVENT: &[u8] = br#"{"event":"vm.created","id":"vm-9"}"#;

@@ -920,15 +920,7 @@ impl Cx<'_> {
                 );
             }
             let header = self.header_name(w.header.as_ref(), "x-webhook-signature");
-            let max_body = match &w.max_body {
-                None => 1024 * 1024,
-                Some(n) if (1..=64 * 1024 * 1024).contains(n.get_ref()) => *n.get_ref() as usize,
-                Some(n) => {
-                    self.d
-                        .error(n.span(), "max_body must be between 1 and 67108864 bytes");
-                    1024 * 1024
-                }
-            };
+            let max_body = self.max_body(&w.max_body);
             let timestamp = match (&w.timestamp_header, &w.tolerance) {
                 (Some(h), tolerance) => Some((
                     self.header_name(Some(h), "x-webhook-timestamp"),
@@ -953,15 +945,7 @@ impl Cx<'_> {
 
     fn relay(&mut self, r: &config::WebhookRelay) -> Option<super::Relay> {
         let listen = self.socket_addr(Some(&r.listen), "127.0.0.1:8091");
-        let max_body = match &r.max_body {
-            None => 1024 * 1024,
-            Some(n) if (1..=64 * 1024 * 1024).contains(n.get_ref()) => *n.get_ref() as usize,
-            Some(n) => {
-                self.d
-                    .error(n.span(), "max_body must be between 1 and 67108864 bytes");
-                1024 * 1024
-            }
-        };
+        let max_body = self.max_body(&r.max_body);
         let mut subscribers: Vec<super::Subscriber> = Vec::new();
         for entry in &r.subscribers {
             let s = entry.get_ref();
@@ -1011,6 +995,20 @@ impl Cx<'_> {
             timeout: self.duration_or(r.timeout.as_ref(), Duration::from_secs(10)),
             subscribers,
         })
+    }
+
+    /// A body limit in bytes: default 1 MiB, at most 64 MiB.
+    fn max_body(&mut self, n: &Option<config::Spanned<i64>>) -> usize {
+        const DEFAULT: usize = 1024 * 1024;
+        match n {
+            None => DEFAULT,
+            Some(n) if (1..=64 * 1024 * 1024).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                self.d
+                    .error(n.span(), "max_body must be between 1 and 67108864 bytes");
+                DEFAULT
+            }
+        }
     }
 
     fn header_name(&mut self, s: Option<&Str>, default: &'static str) -> HeaderName {
