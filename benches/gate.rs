@@ -9,6 +9,9 @@
 use std::fmt::Write;
 use std::hint::black_box;
 
+mod common;
+
+use common::resident_bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use keygate::config::Fixed;
@@ -88,16 +91,6 @@ fn policy() -> Policy {
     compile("bench.toml", &policy_source(), &secrets())
         .expect("bench policy compiles")
         .policy
-}
-
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
 }
 
 fn eddsa_token(sub: &str, now: u64) -> String {

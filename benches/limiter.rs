@@ -7,6 +7,9 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::resident_bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::limit::{Limiter, Quota};
 
@@ -21,16 +24,6 @@ fn roomy() -> Quota {
 fn free() -> Quota {
     let hundred = NonZeroU32::new(100).unwrap();
     Quota::new(hundred, Duration::from_secs(3600), hundred)
-}
-
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
 }
 
 fn report_memory() {

@@ -893,12 +893,7 @@ impl Cx<'_> {
             }
             for file in w.secret_file.iter().flat_map(|f| f.names()) {
                 match self.secrets.file(Path::new(file)) {
-                    Ok(mut v) => {
-                        while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                            v.pop();
-                        }
-                        secrets.push(v);
-                    }
+                    Ok(v) => secrets.push(without_line_end(v)),
                     Err(e) => self.d.error(entry.span(), e),
                 }
             }
@@ -1222,13 +1217,7 @@ impl Cx<'_> {
             };
         }
         if let Some(path) = file {
-            // A trailing newline from `echo > file` is not part of the secret.
-            return self.read_file(path).map(|mut v| {
-                while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    v.pop();
-                }
-                v
-            });
+            return self.read_file(path).map(without_line_end);
         }
         if let Some(value) = inline {
             self.d.warn(
@@ -1275,6 +1264,14 @@ fn jwks_document(keys: &JwtKeys) -> String {
         })
         .collect();
     serde_json::to_string(&JwkSet { keys }).unwrap_or_else(|_| r#"{"keys":[]}"#.to_string())
+}
+
+/// A trailing newline from `echo secret > file` is not part of the secret.
+fn without_line_end(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        v.pop();
+    }
+    v
 }
 
 fn is_token(s: &str) -> bool {

@@ -20,7 +20,7 @@ use crate::gate::{self, Decision, Denial, RateInfo, RequestFacts};
 use crate::issue::{IssueError, Issuer};
 use crate::limit::Limiter;
 use crate::metrics::{method_label, status_class, METRICS};
-use crate::policy::{Policy, PolicyStore};
+use crate::policy::{Policy, PolicyStore, Webhook};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -145,7 +145,8 @@ impl ProxyHttp for Gateway {
         }
         if let Some(hook) = policy.webhook(&path) {
             ctx.webhook = Some(hook.path.clone());
-            self.serve_webhook(session, ctx, &policy, peer).await?;
+            self.serve_webhook(session, ctx, &policy, hook, peer)
+                .await?;
             return Ok(true);
         }
         let decision = {
@@ -188,11 +189,7 @@ impl ProxyHttp for Gateway {
                 "no policy loaded for this request",
             )
         })?;
-        let up = &policy.upstream;
-        let mut peer = HttpPeer::new(up.addr, up.tls, up.sni.clone());
-        peer.options.connection_timeout = Some(up.connect_timeout);
-        peer.options.read_timeout = Some(up.read_timeout);
-        Ok(Box::new(peer))
+        Ok(Box::new(upstream_http_peer(&policy.upstream)))
     }
 
     async fn upstream_request_filter(
@@ -245,7 +242,7 @@ impl ProxyHttp for Gateway {
         if status > 0 && session.response_written().is_none() {
             ctx.refused = Some((status, code));
             let body = gate::error_body(status, code, message, request_id_str(&ctx.request_id));
-            if let Err(write) = write_json(session, status, &ctx.request_id, None, None, body).await
+            if let Err(write) = write_json(session, &ctx.request_id, status, None, None, body).await
             {
                 tracing::debug!(error = %write, "could not send the error response");
             }
@@ -336,15 +333,15 @@ impl Gateway {
                 return respond_issue(session, ctx, IssueError::InvalidRequest("use GET")).await;
             }
             let body = policy.jwks.clone().into_bytes();
-            let mut resp = ResponseHeader::build(200, Some(4))?;
-            resp.insert_header(CONTENT_TYPE, "application/json")?;
-            resp.insert_header(CONTENT_LENGTH, body.len())?;
-            resp.insert_header(CACHE_CONTROL, "public, max-age=300")?;
-            resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-            session.write_response_header(Box::new(resp), false).await?;
-            return session
-                .write_response_body(Some(Bytes::from(body)), true)
-                .await;
+            return send_json(
+                session,
+                &ctx.request_id,
+                200,
+                "public, max-age=300",
+                body,
+                |_| Ok(()),
+            )
+            .await;
         }
         if method != http::Method::POST {
             return respond_issue(session, ctx, IssueError::InvalidRequest("use POST")).await;
@@ -385,16 +382,12 @@ impl Gateway {
                     Some(t) => serde_json::to_vec(&t).unwrap_or_default(),
                     None => b"{}".to_vec(),
                 };
-                let mut resp = ResponseHeader::build(200, Some(5))?;
-                resp.insert_header(CONTENT_TYPE, "application/json")?;
-                resp.insert_header(CONTENT_LENGTH, body.len())?;
-                resp.insert_header(CACHE_CONTROL, "no-store")?;
-                resp.insert_header(http::header::PRAGMA, "no-cache")?;
-                resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-                session.write_response_header(Box::new(resp), false).await?;
-                session
-                    .write_response_body(Some(Bytes::from(body)), true)
-                    .await
+                // RFC 6749 §5.1: token responses are never cached.
+                send_json(session, &ctx.request_id, 200, "no-store", body, |r| {
+                    r.insert_header(http::header::PRAGMA, "no-cache")
+                        .map(|_| ())
+                })
+                .await
             }
             Err(e) => respond_issue(session, ctx, e).await,
         }
@@ -408,17 +401,14 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        policy: &Arc<Policy>,
+        policy: &Policy,
+        hook: &Webhook,
         peer: IpAddr,
     ) -> Result<()> {
-        let Some(hook) = ctx.webhook.as_deref().and_then(|p| policy.webhook(p)) else {
-            return respond_issue(session, ctx, IssueError::Internal).await;
-        };
-        let label = hook.path.clone();
         let count = |result: &str| {
             METRICS
                 .webhook_verifications
-                .with_label_values(&[&label, result])
+                .with_label_values(&[&hook.path, result])
                 .inc();
         };
         let client_ip = gate::client_ip::resolve(
@@ -463,7 +453,7 @@ impl Gateway {
                 request_id_str(&ctx.request_id),
             );
             let challenge = format!(r#"HMAC-SHA256 realm="keygate", header="{}""#, hook.header);
-            return write_json(session, 401, &ctx.request_id, Some(challenge), None, body).await;
+            return write_json(session, &ctx.request_id, 401, Some(challenge), None, body).await;
         }
         count("valid");
         self.forward_buffered(session, ctx, policy, peer, Bytes::from(body))
@@ -479,11 +469,7 @@ impl Gateway {
         peer: IpAddr,
         body: Bytes,
     ) -> Result<()> {
-        let up = &policy.upstream;
-        let mut target = HttpPeer::new(up.addr, up.tls, up.sni.clone());
-        target.options.connection_timeout = Some(up.connect_timeout);
-        target.options.read_timeout = Some(up.read_timeout);
-        target.options.write_timeout = Some(up.read_timeout);
+        let target = upstream_http_peer(&policy.upstream);
         let mut request = session.req_header().clone();
         prepare_upstream_request(&mut request, policy, None, ctx, peer)?;
         request.remove_header(&http::header::TRANSFER_ENCODING);
@@ -507,7 +493,7 @@ impl Gateway {
                 }
                 ctx.refused = Some((status, code));
                 let body = gate::error_body(status, code, message, request_id_str(&ctx.request_id));
-                return write_json(session, status, &ctx.request_id, None, None, body).await;
+                return write_json(session, &ctx.request_id, status, None, None, body).await;
             }
         };
         ctx.upstream_elapsed = ctx.upstream_sent.map(|t| t.elapsed());
@@ -564,22 +550,16 @@ async fn respond_issue(session: &mut Session, ctx: &mut Ctx, e: IssueError) -> R
         &e.message(),
         request_id_str(&ctx.request_id),
     );
-    let mut resp = ResponseHeader::build(status, Some(6))?;
-    resp.insert_header(CONTENT_TYPE, "application/json")?;
-    resp.insert_header(CONTENT_LENGTH, body.len())?;
-    resp.insert_header(CACHE_CONTROL, "no-store")?;
-    resp.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
-    if let Some(challenge) = e.challenge() {
-        resp.insert_header(WWW_AUTHENTICATE, challenge)?;
-    }
-    if let Some(secs) = e.retry_after() {
-        resp.insert_header(http::header::RETRY_AFTER, HeaderValue::from(secs))?;
-    }
-    session.set_keepalive(None);
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
+    send_json(session, &ctx.request_id, status, "no-store", body, |r| {
+        if let Some(challenge) = e.challenge() {
+            r.insert_header(WWW_AUTHENTICATE, challenge)?;
+        }
+        if let Some(secs) = e.retry_after() {
+            r.insert_header(http::header::RETRY_AFTER, HeaderValue::from(secs))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// The request the upstream receives: normalised path, no client-made
@@ -659,6 +639,15 @@ fn prepare_upstream_request(
     Ok(())
 }
 
+/// The upstream as pingora connects to it, with the configured timeouts.
+fn upstream_http_peer(up: &crate::policy::Upstream) -> HttpPeer {
+    let mut peer = HttpPeer::new(up.addr, up.tls, up.sni.clone());
+    peer.options.connection_timeout = Some(up.connect_timeout);
+    peer.options.read_timeout = Some(up.read_timeout);
+    peer.options.write_timeout = Some(up.read_timeout);
+    peer
+}
+
 fn peer_ip(session: &Session) -> IpAddr {
     session
         .client_addr()
@@ -695,13 +684,14 @@ async fn respond_denial(session: &mut Session, ctx: &mut Ctx, denial: &Denial) -
         &denial.message(),
         request_id_str(&ctx.request_id),
     );
-    let policy = ctx.policy.clone();
-    let rate = ctx.decision.as_ref().and_then(|d| d.rate);
-    let rate = policy.as_deref().zip(rate.as_ref());
+    let rate = ctx
+        .policy
+        .as_deref()
+        .zip(ctx.decision.as_ref().and_then(|d| d.rate));
     write_json(
         session,
-        status,
         &ctx.request_id,
+        status,
         denial.challenge(),
         rate,
         body,
@@ -733,27 +723,47 @@ fn rate_headers(resp: &mut ResponseHeader, policy: &Policy, rate: &RateInfo) -> 
     Ok(())
 }
 
+/// An error answer with an optional challenge and rate-limit headers.
 async fn write_json(
     session: &mut Session,
-    status: u16,
     request_id: &HeaderValue,
+    status: u16,
     challenge: Option<String>,
-    rate: Option<(&Policy, &RateInfo)>,
+    rate: Option<(&Policy, RateInfo)>,
     body: Vec<u8>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(5))?;
+    send_json(session, request_id, status, "no-store", body, |r| {
+        if let Some(challenge) = challenge {
+            r.insert_header(WWW_AUTHENTICATE, challenge)?;
+        }
+        if let Some((policy, rate)) = rate {
+            rate_headers(r, policy, &rate)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Every JSON answer keygate writes itself goes out here: content type and
+/// length, `Cache-Control`, `X-Request-Id`, then what `extra` adds.
+async fn send_json(
+    session: &mut Session,
+    request_id: &HeaderValue,
+    status: u16,
+    cache_control: &'static str,
+    body: Vec<u8>,
+    extra: impl FnOnce(&mut ResponseHeader) -> Result<()>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header(CONTENT_TYPE, "application/json")?;
     resp.insert_header(CONTENT_LENGTH, body.len())?;
-    resp.insert_header(CACHE_CONTROL, "no-store")?;
+    resp.insert_header(CACHE_CONTROL, cache_control)?;
     resp.insert_header(X_REQUEST_ID, request_id.clone())?;
-    if let Some(challenge) = challenge {
-        resp.insert_header(WWW_AUTHENTICATE, challenge)?;
+    extra(&mut resp)?;
+    if status >= 400 {
+        // A refusal may leave the request body unread: do not reuse the connection.
+        session.set_keepalive(None);
     }
-    if let Some((policy, rate)) = rate {
-        rate_headers(&mut resp, policy, rate)?;
-    }
-    // The unread request body (if any) makes the connection unsafe to reuse.
-    session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
