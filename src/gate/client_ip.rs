@@ -4,19 +4,18 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
-
+use super::{header_text, HeaderSource};
 use crate::policy::IpSet;
 
-pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &IpSet) -> IpAddr {
+pub fn resolve<H: HeaderSource + ?Sized>(peer: IpAddr, headers: &H, trusted: &IpSet) -> IpAddr {
     let peer = peer.to_canonical();
     if !trusted.contains(peer) {
         return peer;
     }
     let mut current = peer;
     // Later headers were appended later: walk them, and each list, from the right.
-    for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(list) = value.to_str() else {
+    for value in headers.values("x-forwarded-for").rev() {
+        let Some(list) = header_text(value) else {
             return current;
         };
         for entry in list.rsplit(',') {
@@ -48,6 +47,8 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderMap;
+
     use super::*;
 
     fn trusted() -> IpSet {

@@ -1,12 +1,10 @@
 //! Finding the credential in a request and turning an API key into the
 //! policy's entry for it.
 
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::Denial;
+use super::{header_text, Denial, HeaderSource};
 use crate::policy::{KeyIdx, Policy};
 
 /// Longer credentials are refused before any parsing or hashing.
@@ -21,18 +19,18 @@ pub enum Credential<'a> {
 /// The one credential a request carries. RFC 6750 §2 forbids sending more
 /// than one, so an `Authorization: Bearer` together with the API-key header
 /// is a malformed request rather than a guess about which one to believe.
-pub fn extract<'a>(
-    headers: &'a HeaderMap,
-    api_key_header: &HeaderName,
+pub fn extract<'a, H: HeaderSource + ?Sized>(
+    headers: &'a H,
+    api_key_header: &'a str,
 ) -> Result<Credential<'a>, Denial> {
     let bearer = bearer(headers)?;
-    let mut api_keys = headers.get_all(api_key_header).iter();
+    let mut api_keys = headers.values(api_key_header);
     let api_key = match (api_keys.next(), api_keys.next()) {
         (None, _) => None,
         (Some(_), Some(_)) => return Err(Denial::InvalidRequest("more than one API key header")),
         (Some(v), None) => Some(
-            v.to_str()
-                .map_err(|_| Denial::InvalidApiKey("not printable ASCII"))?
+            header_text(v)
+                .ok_or(Denial::InvalidApiKey("not printable ASCII"))?
                 .trim(),
         ),
     };
@@ -52,8 +50,8 @@ pub fn extract<'a>(
 
 /// The token of an `Authorization: Bearer` header (scheme in any case), or
 /// `None` when there is no such header or it uses another scheme.
-fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
-    let mut values = headers.get_all(AUTHORIZATION).iter();
+fn bearer<H: HeaderSource + ?Sized>(headers: &H) -> Result<Option<&str>, Denial> {
+    let mut values = headers.values("authorization");
     let value = match (values.next(), values.next()) {
         (None, _) => return Ok(None),
         (Some(_), Some(_)) => {
@@ -61,9 +59,8 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Denial> {
         }
         (Some(v), None) => v,
     };
-    let value = value
-        .to_str()
-        .map_err(|_| Denial::InvalidToken("not printable ASCII"))?
+    let value = header_text(value)
+        .ok_or(Denial::InvalidToken("not printable ASCII"))?
         .trim();
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -113,6 +110,8 @@ pub fn find_api_key(policy: &Policy, key: &str, now: u64) -> Result<KeyIdx, Deni
 
 #[cfg(test)]
 mod tests {
+    use http::{HeaderMap, HeaderName};
+
     use super::*;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -126,42 +125,42 @@ mod tests {
         h
     }
 
-    fn x_api_key() -> HeaderName {
-        HeaderName::from_static("x-api-key")
+    fn x_api_key() -> &'static str {
+        "x-api-key"
     }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
             let h = headers(&[("authorization", &format!("{scheme} a.b.c"))]);
-            assert_eq!(extract(&h, &x_api_key()), Ok(Credential::Jwt("a.b.c")));
+            assert_eq!(extract(&h, x_api_key()), Ok(Credential::Jwt("a.b.c")));
         }
     }
 
     #[test]
     fn bearer_without_dots_is_an_api_key() {
         let h = headers(&[("authorization", "Bearer vmc_abc")]);
-        assert_eq!(extract(&h, &x_api_key()), Ok(Credential::ApiKey("vmc_abc")));
+        assert_eq!(extract(&h, x_api_key()), Ok(Credential::ApiKey("vmc_abc")));
     }
 
     #[test]
     fn api_key_header_is_read() {
         let h = headers(&[("x-api-key", "vmc_abc")]);
-        assert_eq!(extract(&h, &x_api_key()), Ok(Credential::ApiKey("vmc_abc")));
+        assert_eq!(extract(&h, x_api_key()), Ok(Credential::ApiKey("vmc_abc")));
     }
 
     #[test]
     fn two_credentials_are_a_bad_request() {
         let h = headers(&[("authorization", "Bearer a.b.c"), ("x-api-key", "vmc_abc")]);
-        assert_eq!(extract(&h, &x_api_key()).unwrap_err().status(), 400);
+        assert_eq!(extract(&h, x_api_key()).unwrap_err().status(), 400);
     }
 
     #[test]
     fn other_schemes_count_as_no_credential() {
         let h = headers(&[("authorization", "Basic dXNlcjpwYXNz")]);
-        assert_eq!(extract(&h, &x_api_key()), Err(Denial::MissingCredentials));
+        assert_eq!(extract(&h, x_api_key()), Err(Denial::MissingCredentials));
         assert_eq!(
-            extract(&HeaderMap::new(), &x_api_key()),
+            extract(&HeaderMap::new(), x_api_key()),
             Err(Denial::MissingCredentials)
         );
     }
@@ -170,13 +169,13 @@ mod tests {
     fn empty_and_oversized_tokens_are_invalid() {
         let h = headers(&[("authorization", "Bearer ")]);
         assert_eq!(
-            extract(&h, &x_api_key()).unwrap_err().code(),
+            extract(&h, x_api_key()).unwrap_err().code(),
             "invalid_token"
         );
         let long = format!("Bearer {}", "a".repeat(20_000));
         let h = headers(&[("authorization", &long)]);
         assert_eq!(
-            extract(&h, &x_api_key()).unwrap_err().code(),
+            extract(&h, x_api_key()).unwrap_err().code(),
             "invalid_token"
         );
     }

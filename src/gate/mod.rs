@@ -23,13 +23,37 @@ use crate::limit::{AccountId, Limiter, Outcome};
 use crate::policy::{Access, KeyIdx, Permissions, Policy, Rate, RouteIdx, TierIdx, UserIdx};
 
 /// What the gate needs to know about a request.
-pub struct RequestFacts<'a> {
+pub struct RequestFacts<'a, H: HeaderSource + ?Sized = HeaderMap> {
     /// The socket peer.
     pub peer: IpAddr,
     pub method: &'a Method,
     /// Already normalised (see [`path::normalize`]).
     pub path: &'a str,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a H,
+}
+
+/// Request headers as the gate reads them: every value of one header, in
+/// the order received. The proxy reads them straight out of its receive
+/// buffer; tests, benches and `keygate explain` use an `http::HeaderMap`.
+pub trait HeaderSource {
+    /// The values of `name` (given in lower case), first received first.
+    fn values<'s>(&'s self, name: &'s str) -> impl DoubleEndedIterator<Item = &'s [u8]> + 's;
+}
+
+impl HeaderSource for HeaderMap {
+    fn values<'s>(&'s self, name: &'s str) -> impl DoubleEndedIterator<Item = &'s [u8]> + 's {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+}
+
+/// A header value as text, under the rule `HeaderValue::to_str` applies:
+/// visible ASCII and tabs only.
+pub fn header_text(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +165,12 @@ impl Decision {
 
 /// Decide one request at `now_us` (µs since the Unix epoch), counting it
 /// against its account's quota when it would otherwise pass.
-pub fn decide(policy: &Policy, limiter: &Limiter, req: &RequestFacts<'_>, now_us: u64) -> Decision {
+pub fn decide<H: HeaderSource + ?Sized>(
+    policy: &Policy,
+    limiter: &Limiter,
+    req: &RequestFacts<'_, H>,
+    now_us: u64,
+) -> Decision {
     let client_ip = client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies);
     let route = policy.router.lookup(req.method, req.path);
     let access = route.map_or(policy.auth.default_access, |r| policy.route(r).access);
@@ -157,10 +186,10 @@ pub fn decide(policy: &Policy, limiter: &Limiter, req: &RequestFacts<'_>, now_us
     decision
 }
 
-fn judge(
+fn judge<H: HeaderSource + ?Sized>(
     policy: &Policy,
     limiter: &Limiter,
-    req: &RequestFacts<'_>,
+    req: &RequestFacts<'_, H>,
     now_us: u64,
     decision: &mut Decision,
 ) -> Result<(), Denial> {
@@ -182,7 +211,7 @@ fn judge(
         }
         Access::Authenticated => {}
     }
-    let principal = match credential::extract(req.headers, &policy.auth.api_key_header)? {
+    let principal = match credential::extract(req.headers, policy.auth.api_key_header.as_str())? {
         Credential::Jwt(token) => Principal {
             method: AuthMethod::Jwt,
             user: Some(jwt::verify(policy, token, now)?),
