@@ -236,7 +236,7 @@ impl Cx<'_> {
             return None;
         };
         Some(Upstream {
-            url: u.url.get_ref().clone(),
+            url: u.url.get_ref().as_str().into(),
             addr,
             tls,
             sni: if tls { host.to_string() } else { String::new() },

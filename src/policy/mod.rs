@@ -221,7 +221,7 @@ pub struct Log {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// The URL as written, for messages.
-    pub url: String,
+    pub url: std::sync::Arc<str>,
     pub addr: SocketAddr,
     pub tls: bool,
     /// Host name for TLS SNI (empty for plain HTTP).

@@ -3,7 +3,7 @@
 
 mod access_log;
 mod admin;
-mod gateway;
+mod h1;
 mod relay;
 mod reload;
 pub mod sample_upstream;
@@ -16,7 +16,6 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
-pub use gateway::Gateway;
 pub use reload::{reload_now, Status};
 
 use crate::issue::Issuer;
@@ -62,18 +61,22 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway {
+    let listener = std::net::TcpListener::bind(server_settings.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (server.listen): {e}",
+            server_settings.listen
+        )
+    })?;
+    server.add_service(h1::Front {
+        shared: Arc::new(h1::Shared {
             store: store.clone(),
             limiter,
             issuer,
-            connector: pingora::connectors::http::v1::Connector::new(None),
-        },
-        "keygate proxy",
-    );
-    proxy.add_tcp(&server_settings.listen.to_string());
-    server.add_service(proxy);
+        }),
+        listener: Some(listener),
+        threads: server_settings.threads,
+        grace: server_settings.grace_period,
+    });
 
     let mut admin = Service::new(
         "keygate admin".to_string(),

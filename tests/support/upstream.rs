@@ -1,6 +1,10 @@
 //! A real HTTP/1.1 upstream on a loopback port of its own choosing. It
 //! records every request it receives and answers with a small JSON body;
-//! paths under `/slow/` answer after two and a half seconds.
+//! paths under `/slow/` answer after two and a half seconds. Paths ending in
+//! `/chunked`, `/close`, `/drop` and `/ws` answer in the framing they name:
+//! a chunked body with a trailer, a body ended by closing the connection, a
+//! keep-alive answer followed by closing the idle connection, and a
+//! WebSocket-style upgrade that echoes what it receives.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -121,15 +125,48 @@ fn serve(stream: TcpStream, record: Arc<Mutex<Vec<Seen>>>) {
         if target.starts_with("/slow/") {
             std::thread::sleep(Duration::from_millis(2500));
         }
+        let path = target.split('?').next().unwrap_or("");
+        if path.ends_with("/chunked") {
+            let response = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n";
+            if writer.write_all(response.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
+        if path.ends_with("/close") {
+            let _ = writer
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end");
+            return;
+        }
+        if path.ends_with("/ws") && find("upgrade").is_some() {
+            let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+            if writer.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || writer.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            return;
+        }
         let response_body = format!(
             "{{\"upstream\":\"ok\",\"method\":\"{method}\",\"body_len\":{}}}",
             body.len()
         );
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Upstream: test\r\n\r\n{response_body}",
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Upstream: test\r\n\r\n",
             response_body.len()
         );
+        if method != "HEAD" {
+            response.push_str(&response_body);
+        }
         if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+        if path.ends_with("/drop") {
+            std::thread::sleep(Duration::from_millis(50));
             return;
         }
     }
