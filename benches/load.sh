@@ -6,6 +6,9 @@
 #   haproxy-jwt     HAProxy 2.6: jwt_verify HS256 + exp check + stick-table rate per sub
 #   keygate-jwt     keygate, HS256 JWT, limited tier (limiter active)
 #   keygate-apikey  keygate, API key, same account
+#   pingora-bare    pingora 0.9 proxying with no logic at all
+#                   (examples/bare_pingora.rs): what keygate would cost if
+#                   its proxy path still ran on pingora's ProxyHttp
 # Bounded: ROUNDS x targets x DURATION seconds.
 #
 #   benches/load.sh                 # 3 rounds of 10 s, 32 connections
@@ -27,7 +30,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet
+cargo build --release --quiet --bin keygate --example bare_pingora
 BIN=target/release/keygate
 
 work=$(mktemp -d)
@@ -36,7 +39,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port)
+UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port); BARE=$(port)
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -145,6 +148,7 @@ frontend fe
 HAPROXY
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
 "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
+target/release/examples/bare_pingora "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$work/bare.log" & pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
 
 JWT=$(python3 - "$KEYGATE_JWT_SECRET" <<'PY'
@@ -175,6 +179,7 @@ targets=(
   "haproxy-jwt|http://127.0.0.1:$HAP/v1/vms|Authorization: Bearer $JWT"
   "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
+  "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
 )
 declare -A rps p50 p99
 for r in $(seq "$ROUNDS"); do
@@ -193,13 +198,13 @@ done
 
 args=()
 for m in rps p50 p99; do
-  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey; do
+  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey pingora-bare; do
     eval "args+=(\"\${$m[$n]}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey"]
+names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "pingora-bare"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
