@@ -9,14 +9,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 
 use super::router::{RouteError, RouteSpec, Router};
 use crate::limit::{AccountId, Quota};
 
 use super::{
-    Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Permissions, Policy,
-    Rate, Route, Server, Tier, TierIdx, Upstream, User, UserIdx,
+    Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Mac, Permissions,
+    Policy, Rate, Route, Server, Tier, TierIdx, Upstream, User, UserIdx,
 };
 use crate::config::{self, ConfigError, Diagnostics, EnvAndFiles, SecretSource, Severity, Str};
 
@@ -89,7 +89,7 @@ impl Cx<'_> {
         let log = self.log(&f.log);
         let upstream = self.upstream(&f.upstream);
         let auth = self.auth(&f.auth);
-        let jwt_keys = self.jwt_keys(&f.auth.keys, &auth);
+        let jwt_keys = self.jwt_keys(&f.auth.keys);
         let (tiers, tier_index) = self.tiers(&f.tiers);
         let (users, users_by_id, users_by_email) = self.users(&f.users, &tier_index);
         let (api_keys, api_keys_by_hash_prefix) = self.api_keys(
@@ -312,11 +312,7 @@ impl Cx<'_> {
         }
     }
 
-    fn jwt_keys(
-        &mut self,
-        keys: &[config::Spanned<config::JwtKey>],
-        auth: &Auth,
-    ) -> Option<JwtKeys> {
+    fn jwt_keys(&mut self, keys: &[config::Spanned<config::JwtKey>]) -> Option<JwtKeys> {
         let mut out = Vec::new();
         let mut signer = None;
         let mut kids = HashSet::new();
@@ -337,7 +333,7 @@ impl Cx<'_> {
                 }
                 signer = Some(out.len());
             }
-            if let Some(compiled) = self.jwt_key(k, auth) {
+            if let Some(compiled) = self.jwt_key(k) {
                 out.push(compiled);
             } else if k.sign {
                 signer = None;
@@ -361,7 +357,7 @@ impl Cx<'_> {
         })
     }
 
-    fn jwt_key(&mut self, k: &config::JwtKey, auth: &Auth) -> Option<JwtKey> {
+    fn jwt_key(&mut self, k: &config::JwtKey) -> Option<JwtKey> {
         let algorithm = match k.algorithm.get_ref().as_str() {
             "HS256" => Algorithm::HS256,
             "HS384" => Algorithm::HS384,
@@ -377,6 +373,7 @@ impl Cx<'_> {
                 return None;
             }
         };
+        let mut mac = None;
         let (decoding, encoding) = match algorithm {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
                 for pem in [&k.private_key_file, &k.public_key_file]
@@ -413,6 +410,7 @@ impl Cx<'_> {
                     );
                     return None;
                 }
+                mac = Mac::new(algorithm, &secret);
                 let keys = DecodingKey::from_secret(&secret).and_then(|d| {
                     let e = if k.sign {
                         Some(EncodingKey::from_secret(&secret)?)
@@ -494,21 +492,12 @@ impl Cx<'_> {
                 (decoding, encoding.filter(|_| k.sign))
             }
         };
-        let mut validation = Validation::new(algorithm);
-        // Time claims are checked by the gate against its own clock, so that
-        // the whole decision uses one `now` and tests can inject it.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        // Absent `iss` / `aud` must fail too, not only wrong ones.
-        validation.set_required_spec_claims(&["iss", "aud"]);
-        validation.set_issuer(&[&auth.issuer]);
-        validation.set_audience(&[&auth.audience]);
         Some(JwtKey {
             kid: k.kid.get_ref().as_str().into(),
             algorithm,
             decoding,
             encoding,
-            validation,
+            mac,
         })
     }
 

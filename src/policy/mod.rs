@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 
 use crate::limit::{AccountId, Quota};
 
@@ -125,6 +125,8 @@ impl Policy {
 pub struct TokenCache {
     map: dashmap::DashMap<Box<str>, VerifiedToken>,
     capacity: usize,
+    /// Entries inserted since the last clear (`DashMap::len` locks every shard).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,6 +144,7 @@ impl TokenCache {
         TokenCache {
             map: dashmap::DashMap::new(),
             capacity,
+            count: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -149,9 +152,13 @@ impl TokenCache {
         self.map.get(token).map(|v| *v)
     }
 
+    /// Past capacity the whole cache is dropped: cheap, and a client
+    /// re-verifies its token once.
     pub fn insert(&self, token: &str, verified: VerifiedToken) {
-        if self.map.len() >= self.capacity {
-            self.map.clear();
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.count.fetch_add(1, Relaxed) >= self.capacity {
+            self.clear();
+            self.count.store(1, Relaxed);
         }
         self.map.insert(token.into(), verified);
     }
@@ -162,6 +169,7 @@ impl TokenCache {
 
     pub fn clear(&self) {
         self.map.clear();
+        self.count.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -271,9 +279,49 @@ pub struct JwtKey {
     pub decoding: DecodingKey,
     /// Present on the signing key.
     pub encoding: Option<EncodingKey>,
-    /// `iss`, `aud` and the one algorithm; time claims are checked by the
-    /// gate against its own clock.
-    pub validation: Validation,
+    /// For HMAC keys, the MAC state with the key already absorbed.
+    pub mac: Option<Mac>,
+}
+
+/// An HMAC whose key has been absorbed (RFC 2104's inner and outer pads):
+/// each token clones it instead of hashing the key twice again.
+#[derive(Clone)]
+pub enum Mac {
+    Hs256(hmac::Hmac<sha2::Sha256>),
+    Hs384(hmac::Hmac<sha2::Sha384>),
+    Hs512(hmac::Hmac<sha2::Sha512>),
+}
+
+impl Mac {
+    pub fn new(algorithm: Algorithm, secret: &[u8]) -> Option<Mac> {
+        use hmac::Mac as _;
+        Some(match algorithm {
+            Algorithm::HS256 => Mac::Hs256(hmac::Hmac::new_from_slice(secret).ok()?),
+            Algorithm::HS384 => Mac::Hs384(hmac::Hmac::new_from_slice(secret).ok()?),
+            Algorithm::HS512 => Mac::Hs512(hmac::Hmac::new_from_slice(secret).ok()?),
+            _ => return None,
+        })
+    }
+
+    /// Whether `signature` is this key's MAC of `message`, compared in
+    /// constant time.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        use hmac::Mac as _;
+        match self.clone() {
+            Mac::Hs256(mut m) => {
+                m.update(message);
+                m.verify_slice(signature).is_ok()
+            }
+            Mac::Hs384(mut m) => {
+                m.update(message);
+                m.verify_slice(signature).is_ok()
+            }
+            Mac::Hs512(mut m) => {
+                m.update(message);
+                m.verify_slice(signature).is_ok()
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for JwtKey {
