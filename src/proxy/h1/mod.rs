@@ -70,6 +70,8 @@ impl pingora::services::Service for Front {
                 Err(e) => tracing::error!(error = %e, "could not start a proxy thread"),
             }
         }
+        // Only the workers hold the socket now: when they stop, it closes.
+        drop(listener);
         let _ = shutdown.changed().await;
         let _ = stop_tx.send(true);
         let _ = tokio::task::spawn_blocking(move || {
