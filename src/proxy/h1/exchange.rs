@@ -212,11 +212,7 @@ impl Client {
                 Ok(Ok(0)) | Ok(Err(_)) => return None,
                 Ok(Ok(_)) => {}
                 Err(_) if self.buf.is_empty() => return None,
-                Err(_) => {
-                    return Some(Err(WireError::Malformed(
-                        "the request head was not received in time",
-                    )))
-                }
+                Err(_) => return Some(Err(WireError::Timeout)),
             }
         }
     }

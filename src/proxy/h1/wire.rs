@@ -24,6 +24,8 @@ pub enum WireError {
     Malformed(&'static str),
     /// 431: too many or too long header lines.
     TooLarge,
+    /// 408: the head did not arrive in time.
+    Timeout,
 }
 
 impl WireError {
@@ -31,6 +33,7 @@ impl WireError {
         match self {
             WireError::Malformed(_) => 400,
             WireError::TooLarge => 431,
+            WireError::Timeout => 408,
         }
     }
 
@@ -38,6 +41,7 @@ impl WireError {
         match self {
             WireError::Malformed(why) => why,
             WireError::TooLarge => "the request head is too large",
+            WireError::Timeout => "the request was not received in time",
         }
     }
 }
