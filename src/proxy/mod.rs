@@ -1,5 +1,6 @@
-//! pingora glue: the proxy adapter, the admin listener, reload triggers and
-//! the assembly of one pingora `Server` from a policy.
+//! The process: one pingora `Server` (signals, graceful shutdown) running
+//! keygate's own HTTP/1.1 proxy listener ([`h1`]), the admin listener, the
+//! webhook relay and the reload triggers.
 
 mod access_log;
 mod admin;
@@ -46,14 +47,13 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     let status = Arc::new(Status::default());
 
     let conf = ServerConf {
-        threads: server_settings.threads,
+        // For pingora's own services (admin, relay, the demo's upstream),
+        // all light; the proxy path runs `server.threads` threads of its own.
+        threads: 1,
         // pingora waits this long after SIGTERM before stopping its runtimes;
         // its own default (300 s) is far too long for a sidecar.
         grace_period_seconds: Some(server_settings.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
-        // One single-threaded runtime per proxy thread, as nginx runs one
-        // event loop per worker: no cross-thread wake-ups. Measured 1.28x
-        // the requests/s of work stealing on one thread (benches/load.sh).
         work_stealing: false,
         ..ServerConf::default()
     };

@@ -104,6 +104,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr) {
     let mut client = Client {
         stream,
         peer,
+        peer_text: peer.to_string(),
         buf: Vec::with_capacity(READ_CHUNK),
         out: Vec::with_capacity(4096),
         scratch: Vec::new(),
@@ -135,6 +136,8 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr) {
 struct Client {
     stream: TcpStream,
     peer: IpAddr,
+    /// `peer` as text, for `X-Forwarded-For`.
+    peer_text: String,
     /// Bytes received and not yet consumed; a request head always starts at 0.
     buf: Vec<u8>,
     /// What is written next, to the client or the upstream.
@@ -687,7 +690,8 @@ impl Client {
                 out.extend_from_slice(b", ");
             }
         }
-        let _ = write!(out, "{}\r\n", self.peer);
+        out.extend_from_slice(self.peer_text.as_bytes());
+        out.extend_from_slice(b"\r\n");
         if !proto_sent {
             header(out, b"x-forwarded-proto", b"http");
         }
@@ -866,7 +870,9 @@ impl Client {
         let rate = x.decision.as_ref().and_then(|d| d.rate);
         let out = &mut self.out;
         out.clear();
-        let _ = write!(out, "HTTP/1.1 {} ", resp.status);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_u64(out, resp.status.into());
+        out.push(b' ');
         out.extend_from_slice(resp.reason.get(&self.up_buf));
         out.extend_from_slice(b"\r\n");
         for h in &resp.headers {
@@ -1289,8 +1295,17 @@ fn request_id(sent: Option<&[u8]>) -> String {
             return String::from_utf8_lossy(b).into_owned();
         }
     }
-    let id: u128 = rand::random();
-    format!("{id:032x}")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes: [u8; 16] = rand::random();
+    bytes
+        .iter()
+        .flat_map(|b| {
+            [
+                HEX[usize::from(b >> 4)] as char,
+                HEX[usize::from(b & 15)] as char,
+            ]
+        })
+        .collect()
 }
 
 fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -1328,20 +1343,41 @@ fn json_head(
 fn rate_headers(out: &mut Vec<u8>, policy: &Policy, rate: &RateInfo) {
     let o = rate.outcome;
     let tier = policy.tier(rate.tier);
-    let _ = write!(
-        out,
-        "x-ratelimit-limit: {}\r\nx-ratelimit-remaining: {}\r\nx-ratelimit-reset: {}\r\n",
-        o.limit, o.remaining, o.reset_secs
-    );
+    out.extend_from_slice(b"x-ratelimit-limit: ");
+    push_u64(out, o.limit.into());
+    out.extend_from_slice(b"\r\nx-ratelimit-remaining: ");
+    push_u64(out, o.remaining.into());
+    out.extend_from_slice(b"\r\nx-ratelimit-reset: ");
+    push_u64(out, o.reset_secs);
+    out.extend_from_slice(b"\r\n");
     if let Some(p) = &tier.policy_header {
         header(out, b"ratelimit-policy", p.as_bytes());
     }
-    let _ = write!(
-        out,
-        "ratelimit: \"{}\";r={};t={}\r\n",
-        tier.name, o.remaining, o.reset_secs
-    );
+    out.extend_from_slice(b"ratelimit: \"");
+    out.extend_from_slice(tier.name.as_bytes());
+    out.extend_from_slice(b"\";r=");
+    push_u64(out, o.remaining.into());
+    out.extend_from_slice(b";t=");
+    push_u64(out, o.reset_secs);
+    out.extend_from_slice(b"\r\n");
     if !o.allowed {
-        let _ = write!(out, "retry-after: {}\r\n", o.retry_after_secs);
+        out.extend_from_slice(b"retry-after: ");
+        push_u64(out, o.retry_after_secs);
+        out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Decimal digits of `n`, without `fmt` (a few header values per request).
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
