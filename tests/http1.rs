@@ -260,13 +260,17 @@ fn websocket_upgrades_are_relayed_both_ways() {
 }
 
 #[test]
-fn malformed_smuggling_and_oversized_heads_get_json_errors() {
+fn malformed_hostless_smuggling_and_oversized_heads_get_json_errors() {
     let (upstream, kg) = start();
-    let cases: [(Vec<u8>, u16); 4] = [
+    let cases: [(Vec<u8>, u16); 5] = [
         (b"GARBAGE\r\n\r\n".to_vec(), 400),
         (
+            format!("GET /v1/vms HTTP/1.1\r\nX-API-Key: {KEY_DEPLOY}\r\n\r\n").into_bytes(),
+            400,
+        ),
+        (
             format!(
-                "POST /v1/vms/x HTTP/1.1\r\nX-API-Key: {KEY_DEPLOY}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                "POST /v1/vms/x HTTP/1.1\r\nHost: api\r\nX-API-Key: {KEY_DEPLOY}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
             )
             .into_bytes(),
             400,

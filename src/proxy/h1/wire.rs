@@ -138,6 +138,7 @@ struct Framing {
     upgrade_token: bool,
     upgrade_header: bool,
     expect_continue: bool,
+    hosts: usize,
 }
 
 fn framing(buf: &[u8], headers: &[Header]) -> Result<Framing, WireError> {
@@ -177,6 +178,8 @@ fn framing(buf: &[u8], headers: &[Header]) -> Result<Framing, WireError> {
             }
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             f.upgrade_header = true;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            f.hosts += 1;
         } else if name.eq_ignore_ascii_case(b"expect") {
             f.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
@@ -239,6 +242,12 @@ pub fn parse_request(
         .map_err(|_| WireError::Malformed("invalid method"))?;
     spans(buf, req.headers, &mut headers);
     let f = framing(buf, &headers)?;
+    if minor == 1 && f.hosts != 1 {
+        // RFC 9112 §3.2: a server must refuse a request without exactly one.
+        return Err(WireError::Malformed(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
     let body = match (f.chunked || f.other_coding, f.length) {
         (true, Some(_)) => {
             // RFC 9112 §6.3: a smuggling vector; refuse rather than pick one.
@@ -474,35 +483,40 @@ mod tests {
     #[test]
     fn framing_that_could_smuggle_is_refused() {
         for bad in [
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1e3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/2.0\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         ] {
             assert_eq!(req(bad).unwrap_err().status(), 400, "{bad:?}");
         }
-        let same = req("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
+        let same =
+            req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
         assert_eq!(same.unwrap().unwrap().body, BodyKind::Length(3));
         // A final `chunked` frames the body whatever was applied before it.
-        let chunked = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+        let chunked = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
         assert_eq!(chunked.unwrap().unwrap().body, BodyKind::Chunked);
-        let chunked = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let chunked = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(chunked.unwrap().unwrap().body, BodyKind::Chunked);
     }
 
     #[test]
     fn keep_alive_follows_version_and_connection() {
         let ka = |t: &str| req(t).unwrap().unwrap().keep_alive;
-        assert!(!ka("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!ka(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        ));
         assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
         assert!(ka("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
         let up =
-            req("GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
+            req("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
         assert!(up.unwrap().unwrap().upgrade);
     }
 
