@@ -186,6 +186,9 @@ impl Client {
     /// The next request head, or `None` when the connection should end
     /// quietly (closed, idle too long, shutting down).
     async fn next_head(&mut self, worker: &Worker) -> Option<Result<RequestHead, WireError>> {
+        // Once a head has started, all of it must arrive by this time (not
+        // 30 s per read, which a client sending a byte at a time would stretch).
+        let mut deadline = None;
         loop {
             if !self.buf.is_empty() {
                 match wire::parse_request(&self.buf, std::mem::take(&mut self.headers)) {
@@ -209,7 +212,9 @@ impl Client {
                     r = tokio::time::timeout(KEEPALIVE_TIMEOUT, self.stream.read_buf(&mut self.buf)) => r,
                 }
             } else {
-                tokio::time::timeout(CLIENT_TIMEOUT, self.stream.read_buf(&mut self.buf)).await
+                let by =
+                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLIENT_TIMEOUT);
+                tokio::time::timeout_at(by, self.stream.read_buf(&mut self.buf)).await
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return None,
