@@ -227,8 +227,6 @@ impl Client {
 
     /// Answer one parsed request; `true` when the connection may carry another.
     async fn exchange(&mut self, worker: &Worker, head: RequestHead) -> bool {
-        let shared = &worker.shared;
-        let policy = shared.store.load();
         let view = HeadView {
             buf: &self.buf,
             headers: &head.headers,
@@ -236,7 +234,7 @@ impl Client {
         let request_id = request_id(view.values("x-request-id").next());
         let mut x = Exchange {
             started: Instant::now(),
-            policy: policy.clone(),
+            policy: worker.shared.store.load(),
             method: head.method.clone(),
             request_id,
             path: String::new(),
