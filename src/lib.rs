@@ -1,12 +1,14 @@
 //! keygate: an authenticating reverse-proxy sidecar.
 //!
-//! A request flows `proxy` (pingora glue) → `gate` (the pure decision over a
+//! A request flows `http1` (the wire: strict parsing, re-framing) → `proxy`
+//! (dispatch and the forward plan) → `gate` (the pure decision over a
 //! `policy` snapshot) → upstream. `config` is the file as written; `policy`
 //! is what it compiles to, published through one `ArcSwap`.
 
 pub mod cli;
 pub mod config;
 pub mod gate;
+pub mod http1;
 pub mod issue;
 pub mod limit;
 pub mod metrics;

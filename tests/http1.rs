@@ -162,14 +162,19 @@ fn http_1_0_clients_get_a_decoded_body_and_a_closed_connection() {
 }
 
 #[test]
-fn a_body_ended_by_closing_reaches_the_client_whole() {
+fn a_body_ended_by_closing_reaches_the_client_whole_and_re_framed() {
     let (_upstream, kg) = start();
     let mut c = Wire::open(&kg);
     c.send(get("/v1/vms/close", "").as_bytes());
     let a = c.answer(false);
     assert_eq!(a.status, 200);
-    assert_eq!(a.header("connection"), Some("close"));
+    // Re-framed as chunks, so a cut-off answer would show as one, and the
+    // client's connection outlives the upstream's.
+    assert_eq!(a.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(a.header("connection"), None);
     assert_eq!(a.body, b"until the end");
+    c.send(get("/v1/vms/after", "").as_bytes());
+    assert_eq!(c.answer(false).status, 200);
 }
 
 #[test]

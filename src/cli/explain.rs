@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use crate::gate::{self, Decision, Denial, RequestFacts};
 use crate::limit::Limiter;
 use crate::policy::{Access, Policy, Rate};
+use crate::proxy::dispatch::{dispatch, Dispatch};
 
 pub struct Request<'a> {
     pub method: &'a str,
@@ -63,21 +64,64 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
     if path != raw_path {
         line(&mut out, "path", &format!("normalised to {path}"));
     }
-    let auth = &policy.auth;
-    if [&auth.token_path, &auth.refresh_path, &auth.revoke_path].contains(&&path.to_string())
-        || path == "/.well-known/jwks.json"
-    {
-        line(
-            &mut out,
-            "route",
-            "served by keygate itself (token, refresh, revoke or JWKS endpoint)",
-        );
-        line(
-            &mut out,
-            "decision",
-            "ALLOW (keygate answers; nothing is forwarded)",
-        );
-        return Ok((out, true));
+    match dispatch(policy, &path) {
+        Dispatch::Endpoint(endpoint) => {
+            line(
+                &mut out,
+                "route",
+                &format!(
+                    "served by keygate itself ({}; nothing is forwarded)",
+                    endpoint.label()
+                ),
+            );
+            if !endpoint.allows(&method) {
+                let d = Denial::InvalidRequest("method not served by this endpoint");
+                line(
+                    &mut out,
+                    "decision",
+                    &format!(
+                        "DENY {} {}: {method} is not served here",
+                        d.status(),
+                        d.code()
+                    ),
+                );
+                return Ok((out, false));
+            }
+            line(&mut out, "decision", "ALLOW (keygate answers)");
+            return Ok((out, true));
+        }
+        Dispatch::Webhook(hook) => {
+            let replay = match &hook.timestamp {
+                Some((h, tolerance)) => {
+                    format!(", {h} within {}", humantime::format_duration(*tolerance))
+                }
+                None => String::new(),
+            };
+            line(
+                &mut out,
+                "route",
+                &format!(
+                    "webhook {}: the body must be signed (header {}{replay}, at most {} bytes); no credential is checked",
+                    hook.path, hook.header, hook.max_body
+                ),
+            );
+            if !policy.server.ip_allow.permits(req.ip) {
+                let d = Denial::IpNotAllowed;
+                line(
+                    &mut out,
+                    "decision",
+                    &format!("DENY {} {}: {}", d.status(), d.code(), d.message()),
+                );
+                return Ok((out, false));
+            }
+            line(
+                &mut out,
+                "decision",
+                "ALLOW if the signature verifies (explain cannot check a body)",
+            );
+            return Ok((out, true));
+        }
+        Dispatch::Gate => {}
     }
 
     let facts = RequestFacts {

@@ -110,6 +110,10 @@ pub struct Server {
     pub ip_allow: Vec<Str>,
     pub state_dir: Option<Str>,
     pub grace_period: Option<Str>,
+    /// `Upgrade` protocols forwarded (default `["websocket"]`).
+    pub upgrades: Option<Vec<Str>>,
+    /// `drop` (default) or `refuse` requests with `_` in a header name.
+    pub underscore_headers: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

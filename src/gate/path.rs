@@ -3,7 +3,10 @@
 //! the upstream still serves `/admin`, so the path is normalised first (RFC
 //! 3986 §6.2.2: unreserved percent-escapes decoded, hex upper-cased, dot
 //! segments removed, repeated slashes merged) and that normalised path is
-//! both what is matched and what is forwarded.
+//! both what is matched and what is forwarded. It works on bytes and takes
+//! only visible ASCII without `#` or `\\` (what the HTTP parser lets
+//! through), so its output never holds a dot segment, `#` or a non-ASCII
+//! byte.
 
 use std::borrow::Cow;
 
@@ -11,6 +14,12 @@ use std::borrow::Cow;
 pub fn normalize(raw: &str) -> Result<Cow<'_, str>, &'static str> {
     if !raw.starts_with('/') {
         return Err("the request target must be an absolute path");
+    }
+    if !raw
+        .bytes()
+        .all(|b| (0x21..0x7f).contains(&b) && b != b'#' && b != b'\\')
+    {
+        return Err("the path may only hold visible ASCII characters, without # or \\");
     }
     if !raw.contains('%') && !raw.contains("//") && !raw.contains("/.") {
         return Ok(Cow::Borrowed(raw));
@@ -33,41 +42,48 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, &'static str> {
             }
         }
     }
-    let mut path = String::with_capacity(decoded.len());
+    let mut path = Vec::with_capacity(decoded.len());
     for seg in &out {
-        path.push('/');
-        path.push_str(seg);
+        path.push(b'/');
+        path.extend_from_slice(seg.as_bytes());
     }
     if trailing_slash || out.is_empty() {
-        path.push('/');
+        path.push(b'/');
     }
-    Ok(Cow::Owned(path))
+    // Only ASCII went in, and only ASCII is written.
+    Ok(Cow::Owned(String::from_utf8(path).unwrap_or_default()))
 }
 
+/// Decode the escapes of unreserved characters (RFC 3986 §2.3); every other
+/// escape stays, its hex in upper case.
 fn decode_unreserved(raw: &str) -> Result<String, &'static str> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] != b'%' {
-            out.push(bytes[i] as char);
+            out.push(bytes[i]);
             i += 1;
             continue;
         }
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok())
-            .ok_or("a percent sign in the path is not followed by two hex digits")?;
-        if hex.is_ascii_alphanumeric() || matches!(hex, b'-' | b'.' | b'_' | b'~') {
-            out.push(hex as char);
+        let digit = |j: usize| bytes.get(j).and_then(|&b| (b as char).to_digit(16));
+        let (Some(hi), Some(lo)) = (digit(i + 1), digit(i + 2)) else {
+            return Err("a percent sign in the path is not followed by two hex digits");
+        };
+        let byte = (hi * 16 + lo) as u8;
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte);
         } else {
-            out.push('%');
-            out.push_str(&format!("{hex:02X}"));
+            out.extend_from_slice(&[
+                b'%',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 15)],
+            ]);
         }
         i += 3;
     }
-    Ok(out)
+    String::from_utf8(out).map_err(|_| "the path is not ASCII")
 }
 
 #[cfg(test)]
@@ -109,5 +125,20 @@ mod tests {
         assert!(normalize("/a%2").is_err());
         assert!(normalize("/a%zz").is_err());
         assert!(normalize("*").is_err());
+    }
+
+    #[test]
+    fn fragments_backslashes_and_raw_non_ascii_are_refused() {
+        for bad in [
+            "/admin#",
+            "/a\\..\\admin",
+            "/caf\u{e9}/%41",
+            "/a b",
+            "/a\u{0}",
+        ] {
+            assert!(normalize(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(normalize("/caf%C3%A9/%41").unwrap(), "/caf%C3%A9/A");
+        assert_eq!(normalize("/a%23b/..").unwrap(), "/");
     }
 }

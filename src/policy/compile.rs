@@ -16,7 +16,7 @@ use crate::limit::{AccountId, Quota};
 
 use super::{
     Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Mac, Permissions,
-    Policy, Rate, Route, Server, Tier, TierIdx, Upstream, User, UserIdx,
+    Policy, Rate, Route, Server, Tier, TierIdx, Underscores, Upstream, User, UserIdx,
 };
 use crate::config::{self, ConfigError, Diagnostics, EnvAndFiles, SecretSource, Severity, Str};
 
@@ -164,7 +164,45 @@ impl Cx<'_> {
                     .map_or("./keygate-state", |d| d.get_ref().as_str()),
             ),
             grace_period: self.duration_or(s.grace_period.as_ref(), Duration::from_secs(10)),
+            upgrades: self.upgrades(s.upgrades.as_deref()),
+            underscore_headers: match s.underscore_headers.as_ref() {
+                None => Underscores::Drop,
+                Some(u) => {
+                    match u.get_ref().as_str() {
+                        "drop" => Underscores::Drop,
+                        "refuse" => Underscores::Refuse,
+                        other => {
+                            self.d.error(
+                            u.span(),
+                            format!("unknown underscore_headers {other:?} (expected drop or refuse)"),
+                        );
+                            Underscores::Drop
+                        }
+                    }
+                }
+            },
         })
+    }
+
+    fn upgrades(&mut self, list: Option<&[config::Str]>) -> Vec<Box<str>> {
+        let Some(list) = list else {
+            return vec!["websocket".into()];
+        };
+        let mut out = Vec::new();
+        for p in list {
+            let name = p.get_ref().to_ascii_lowercase();
+            if name == "h2c" {
+                self.d.error(
+                    p.span(),
+                    "h2c is never forwarded: the requests inside it would not pass the gate",
+                );
+            } else if !crate::http1::parse::is_token(name.as_bytes()) {
+                self.d.error(p.span(), "not a protocol name");
+            } else {
+                out.push(name.into());
+            }
+        }
+        out
     }
 
     fn log(&mut self, l: &config::Log) -> Log {
@@ -235,9 +273,11 @@ impl Cx<'_> {
                 .error(span, format!("upstream host {host:?} has no address"));
             return None;
         };
+        let authority = uri.authority().map_or(host, |a| a.as_str()).into();
         Some(Upstream {
             url: u.url.get_ref().as_str().into(),
             addr,
+            authority,
             tls,
             sni: if tls { host.to_string() } else { String::new() },
             connect_timeout: self.duration_or(u.connect_timeout.as_ref(), Duration::from_secs(2)),

@@ -211,6 +211,20 @@ pub struct Server {
     pub ip_allow: Allowlist,
     pub state_dir: PathBuf,
     pub grace_period: Duration,
+    /// `Upgrade` protocols forwarded, lower case; never `h2c`.
+    pub upgrades: Vec<Box<str>>,
+    pub underscore_headers: Underscores,
+}
+
+/// What happens to a request with `_` in a header name: CGI-style stacks
+/// (PHP, Python WSGI, many Ruby and Perl servers) read `X_Auth_Subject` as
+/// `X-Auth-Subject`, so such a header could pose as one keygate sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Forward the request without those headers (nginx's default).
+    Drop,
+    /// Answer 400.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +245,8 @@ pub struct Upstream {
     /// The URL as written, for messages.
     pub url: std::sync::Arc<str>,
     pub addr: SocketAddr,
+    /// `host[:port]` of the URL: the `Host` of requests that came without one.
+    pub authority: Box<str>,
     pub tls: bool,
     /// Host name for TLS SNI (empty for plain HTTP).
     pub sni: String,

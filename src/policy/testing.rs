@@ -191,7 +191,12 @@ pub fn compile_str(src: &str) -> Result<Compiled, Vec<crate::config::ConfigError
 }
 
 pub fn policy() -> Policy {
-    match compile_str(&base_toml()) {
+    policy_from("")
+}
+
+/// The test policy with `extra` TOML appended.
+pub fn policy_from(extra: &str) -> Policy {
+    match compile_str(&(base_toml() + extra)) {
         Ok(c) => c.policy,
         Err(errors) => panic!("test policy does not compile: {errors:#?}"),
     }

@@ -1,10 +1,17 @@
-//! The process: one pingora `Server` (signals, graceful shutdown) running
-//! keygate's own HTTP/1.1 proxy listener ([`h1`]), the admin listener, the
-//! webhook relay and the reload triggers.
+//! The application on keygate's HTTP/1.1 engine ([`crate::http1`]):
+//! [`dispatch`] (auth endpoint, webhook or gate), the [`forward`] plan of
+//! headers, one [`refusal`] type for every answer keygate writes itself, and
+//! the connection glue in `exchange`. Also the process: one pingora `Server`
+//! (signals, graceful shutdown) running the public listener (`front`), the
+//! admin listener, the webhook relay and the reload triggers.
 
 mod access_log;
 mod admin;
-mod h1;
+pub mod dispatch;
+mod exchange;
+pub mod forward;
+mod front;
+pub mod refusal;
 mod relay;
 mod reload;
 pub mod sample_upstream;
@@ -67,8 +74,8 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             server_settings.listen
         )
     })?;
-    server.add_service(h1::Front {
-        shared: Arc::new(h1::Shared {
+    server.add_service(front::Front {
+        shared: Arc::new(exchange::Shared {
             store: store.clone(),
             limiter,
             issuer,

@@ -1,6 +1,7 @@
-//! Connections to the upstream: plain TCP or TLS, and each worker's pool of
-//! idle keep-alive connections. A pool belongs to one worker thread, so
-//! taking and returning a connection is a `Vec` push and pop, no lock.
+//! Connections to the upstream: plain TCP or TLS, each worker's pool of
+//! idle keep-alive connections, and when a request may be sent again. A
+//! pool belongs to one worker thread, so taking and returning a connection
+//! is a `Vec` push and pop, no lock.
 
 use std::cell::RefCell;
 use std::io;
@@ -9,11 +10,23 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::Method;
 use pingora::tls::{ClientConfig, ClientTlsStream, RootCertStore, ServerName, TlsConnector};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::policy::Upstream;
+
+/// Whether a request that failed on a reused connection, before any byte
+/// of an answer came, may be sent again on a fresh one: only when the
+/// upstream cannot have acted on it twice (RFC 9110 §9.2.2, idempotent
+/// methods). A POST or PATCH the upstream read and then dropped is a 502.
+pub fn may_retry(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
 
 /// Idle connections kept per worker thread (nginx's `keepalive` directive).
 pub const POOL_SIZE: usize = 128;
@@ -141,6 +154,12 @@ struct Idle {
     /// Which upstream it leads to, so a reload to another one never reuses it.
     upstream: Arc<str>,
     since: Instant,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool::new()
+    }
 }
 
 impl Pool {

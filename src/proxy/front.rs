@@ -1,4 +1,5 @@
-//! keygate's own HTTP/1.1 proxy listener.
+//! The public listener: worker threads accepting connections for
+//! [`exchange`](super::exchange), each with its own upstream pool.
 //!
 //! pingora runs the process (signals, graceful shutdown, the admin and relay
 //! listeners), but the proxy path is served here: on this 2-core machine
@@ -8,10 +9,6 @@
 //! one single-threaded event loop per worker thread, the request parsed in
 //! place, its head rewritten into one write, and a lock-free per-thread
 //! pool of upstream keep-alive connections.
-
-mod exchange;
-mod upstream;
-pub mod wire;
 
 use std::cell::Cell;
 use std::net::TcpListener as StdListener;
@@ -25,8 +22,8 @@ use pingora::server::ShutdownWatch;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
-pub use exchange::Shared;
-use exchange::Worker;
+use super::exchange::{self, Shared, Worker};
+use crate::http1::upstream;
 
 /// The proxy listener as a pingora service: started with the server,
 /// drained when pingora signals shutdown.

@@ -1,0 +1,100 @@
+//! Which part of keygate answers a request: an auth endpoint, a signed
+//! webhook path, or the gate. One pure function, used by the proxy and by
+//! `keygate explain`, so the two can never disagree.
+
+use http::Method;
+
+use crate::policy::{Policy, Webhook};
+
+/// The endpoints keygate serves itself instead of forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Token,
+    Refresh,
+    Revoke,
+    Jwks,
+}
+
+impl Endpoint {
+    /// Its label in metrics and the access log.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Token => "auth:token",
+            Endpoint::Refresh => "auth:refresh",
+            Endpoint::Revoke => "auth:revoke",
+            Endpoint::Jwks => "auth:jwks",
+        }
+    }
+
+    /// The methods it answers.
+    pub fn allows(self, method: &Method) -> bool {
+        match self {
+            Endpoint::Jwks => *method == Method::GET || *method == Method::HEAD,
+            _ => *method == Method::POST,
+        }
+    }
+}
+
+/// Where a request with this (normalised) path goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Dispatch<'p> {
+    Endpoint(Endpoint),
+    /// A `[[webhooks]]` path: the body's signature is the credential.
+    Webhook(&'p Webhook),
+    /// Everything else runs the gate pipeline.
+    Gate,
+}
+
+pub fn dispatch<'p>(policy: &'p Policy, path: &str) -> Dispatch<'p> {
+    let auth = &policy.auth;
+    let endpoint = match path {
+        p if p == auth.token_path => Some(Endpoint::Token),
+        p if p == auth.refresh_path => Some(Endpoint::Refresh),
+        p if p == auth.revoke_path => Some(Endpoint::Revoke),
+        "/.well-known/jwks.json" => Some(Endpoint::Jwks),
+        _ => None,
+    };
+    if let Some(e) = endpoint {
+        return Dispatch::Endpoint(e);
+    }
+    match policy.webhook(path) {
+        Some(hook) => Dispatch::Webhook(hook),
+        None => Dispatch::Gate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::policy_from;
+
+    #[test]
+    fn endpoints_then_webhooks_then_the_gate() {
+        let policy = policy_from(
+            r#"
+[[webhooks]]
+path = "/hooks/billing"
+secret = "0123456789abcdef0123456789abcdef"
+"#,
+        );
+        assert!(matches!(
+            dispatch(&policy, "/api/v1/auth/token"),
+            Dispatch::Endpoint(Endpoint::Token)
+        ));
+        assert!(matches!(
+            dispatch(&policy, "/.well-known/jwks.json"),
+            Dispatch::Endpoint(Endpoint::Jwks)
+        ));
+        assert!(matches!(
+            dispatch(&policy, "/hooks/billing"),
+            Dispatch::Webhook(_)
+        ));
+        assert!(matches!(
+            dispatch(&policy, "/hooks/billing/x"),
+            Dispatch::Gate
+        ));
+        assert!(Endpoint::Token.allows(&Method::POST));
+        assert!(!Endpoint::Token.allows(&Method::GET));
+        assert!(Endpoint::Jwks.allows(&Method::HEAD));
+    }
+}
