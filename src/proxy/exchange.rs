@@ -694,9 +694,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if switching {
             return self.switch(&mut up_conn, body_start).await;
         }
-        let ended_clean = self
+        let ended_clean = match self
             .relay_response(&mut up_conn, body, body_start, reframe, up.read_timeout)
-            .await?;
+            .await
+        {
+            Ok(clean) => clean,
+            Err(Relay::Gone) => return Err(Gone),
+            // Nothing reached the client yet: it can still be told.
+            Err(Relay::BrokenBeforeHead) => {
+                self.out.clear();
+                return self.upstream_failed(x, head, Failure::Protocol).await;
+            }
+        };
         if keep_alive && ended_clean {
             worker.pool.put(up, up_conn);
         }
@@ -913,9 +922,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         start: usize,
         reframe: Reframe,
         timeout: Duration,
-    ) -> Step<bool> {
+    ) -> Result<bool, Relay> {
         let mut decoder = Decoder::new(kind);
         let mut pos = start;
+        let mut head_sent = false;
         loop {
             let avail = &self.up_buf[pos..];
             let out = &mut self.out;
@@ -925,6 +935,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             });
             let used = match decoded {
                 Ok(n) => n,
+                Err(_) if !head_sent => return Err(Relay::BrokenBeforeHead),
                 // Broken framing: the client sees the answer cut off.
                 Err(_) => return Err(self.cut_off()),
             };
@@ -934,9 +945,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             if !self.out.is_empty() {
                 if self.stream.write_all(&self.out).await.is_err() {
-                    return Err(Gone);
+                    return Err(Relay::Gone);
                 }
                 self.out.clear();
+                head_sent = true;
             }
             if decoder.is_done() {
                 return Ok(!extra);
@@ -951,7 +963,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     if reframe == Reframe::Chunks
                         && self.stream.write_all(LAST_CHUNK).await.is_err()
                     {
-                        return Err(Gone);
+                        return Err(Relay::Gone);
                     }
                     return Ok(false);
                 }
@@ -963,9 +975,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// An answer broke after its head went out: count it and end the
     /// client connection without the body's end.
-    fn cut_off(&self) -> Gone {
+    fn cut_off(&self) -> Relay {
         METRICS.upstream_errors.with_label_values(&["other"]).inc();
-        Gone
+        Relay::Gone
     }
 
     /// 502 or 504 when nothing of the answer has reached the client yet.
@@ -1100,6 +1112,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
         }
     }
+}
+
+/// Why relaying an answer stopped early.
+enum Relay {
+    /// The client is gone, or was cut off mid-answer.
+    Gone,
+    /// The answer's body broke before any of it was written.
+    BrokenBeforeHead,
 }
 
 /// Why streaming a request body upstream stopped.

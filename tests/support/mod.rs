@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod seed;
+pub mod strict;
 pub mod upstream;
 
 use std::io::Read;
