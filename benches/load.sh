@@ -9,6 +9,9 @@
 #   pingora-bare    pingora 0.9 proxying with no logic at all
 #                   (examples/bare_pingora.rs): what keygate would cost if
 #                   its proxy path still ran on pingora's ProxyHttp
+#   hyper-bare      hyper 1.x + hyper-util's pooled client, no logic, one
+#                   thread (examples/bare_hyper.rs): the other engine keygate
+#                   could have been built on
 # Bounded: ROUNDS x targets x DURATION seconds.
 #
 #   benches/load.sh                 # 3 rounds of 10 s, 32 connections
@@ -30,7 +33,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet --bin keygate --example bare_pingora
+cargo build --release --quiet --bin keygate --example bare_pingora --example bare_hyper
 BIN=target/release/keygate
 
 work=$(mktemp -d)
@@ -39,7 +42,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port); BARE=$(port)
+UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port); BARE=$(port); HYP=$(port)
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -149,6 +152,7 @@ HAPROXY
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
 "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
 target/release/examples/bare_pingora "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$work/bare.log" & pids+=($!)
+target/release/examples/bare_hyper "127.0.0.1:$HYP" "127.0.0.1:$UP" 2>"$work/hyper.log" & pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
 
 JWT=$(python3 - "$KEYGATE_JWT_SECRET" <<'PY'
@@ -176,6 +180,7 @@ BAD_JWT="${JWT:0:$i}$r${JWT:$((i + 1))}"
 smoke 401 "http://127.0.0.1:$HAP/v1/vms" -H "Authorization: Bearer $BAD_JWT"
 smoke 401 "http://127.0.0.1:$KG/v1/vms" -H "Authorization: Bearer $BAD_JWT"
 smoke 401 "http://127.0.0.1:$HAP/v1/vms"
+smoke 200 "http://127.0.0.1:$HYP/v1/vms"
 
 # name|url|header
 targets=(
@@ -185,6 +190,7 @@ targets=(
   "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
   "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
+  "hyper-bare|http://127.0.0.1:$HYP/v1/vms|"
 )
 declare -A rps p50 p99
 for r in $(seq "$ROUNDS"); do
@@ -203,13 +209,13 @@ done
 
 args=()
 for m in rps p50 p99; do
-  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey pingora-bare; do
+  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey pingora-bare hyper-bare; do
     eval "args+=(\"\${$m[$n]}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "pingora-bare"]
+names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "pingora-bare", "hyper-bare"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):

@@ -21,6 +21,10 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, &'static str> {
     {
         return Err("the path may only hold visible ASCII characters, without # or \\");
     }
+    if raw.contains(';') {
+        // Tomcat and Spring read `/admin;x/y` as `/admin/y`.
+        return Err("the path must not contain ';' (path parameters)");
+    }
     if !raw.contains('%') && !raw.contains("//") && !raw.contains("/.") {
         return Ok(Cow::Borrowed(raw));
     }
@@ -72,6 +76,13 @@ fn decode_unreserved(raw: &str) -> Result<String, &'static str> {
             return Err("a percent sign in the path is not followed by two hex digits");
         };
         let byte = (hi * 16 + lo) as u8;
+        if matches!(byte, b'/' | b'\\' | b';' | b'%') || byte.is_ascii_control() {
+            // Decoded by some upstreams before they resolve dot segments
+            // (`/public/..%2Fadmin`): refused, as Spring's StrictHttpFirewall does.
+            return Err(
+                "the path must not contain an encoded '/', '\\', ';', '%' or control character",
+            );
+        }
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
             out.push(byte);
         } else {
@@ -106,8 +117,25 @@ mod tests {
     }
 
     #[test]
-    fn encoded_slash_stays_encoded_with_upper_hex() {
-        assert_eq!(normalize("/a%2fb").unwrap(), "/a%2Fb");
+    fn other_escapes_stay_encoded_with_upper_hex() {
+        assert_eq!(normalize("/a%3fb%c3%a9").unwrap(), "/a%3Fb%C3%A9");
+    }
+
+    #[test]
+    fn separators_peers_decode_differently_are_refused() {
+        for bad in [
+            "/a%2fb",
+            "/public/..%2Fadmin",
+            "/public/..%5Cadmin/x",
+            "/admin;/x",
+            "/public/..;/admin/x",
+            "/admin%3bx",
+            "/%252e%252e/admin",
+            "/a%00b",
+            "/a%0d%0aX:%20y",
+        ] {
+            assert!(normalize(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -140,5 +168,10 @@ mod tests {
         }
         assert_eq!(normalize("/caf%C3%A9/%41").unwrap(), "/caf%C3%A9/A");
         assert_eq!(normalize("/a%23b/..").unwrap(), "/");
+        assert_eq!(
+            normalize("/a?b").unwrap(),
+            "/a?b",
+            "the query is not the normaliser's"
+        );
     }
 }

@@ -1234,3 +1234,6 @@ fn json_head(
         out.extend_from_slice(b"connection: close\r\n");
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -299,6 +299,12 @@ def normalise(target):
     return n, steps
 
 
+def is_websocket(req):
+    hs = [(n.lower(), v) for n, v in req.get("headers", [])]
+    ups = [t.strip().lower() for n, v in hs if n == "upgrade" for t in v.split(",") if t.strip()]
+    return req.get("method") == "GET" and bool(ups) and all(t == "websocket" for t in ups)
+
+
 def is_admin(path):
     return path == "/admin" or path.startswith("/admin/")
 
@@ -369,7 +375,12 @@ def check(entries, results, log_path, keygate_alive, keygate_rc, keygate_err, ve
     # (a) every request the upstream framed (and answered) reached a client,
     #     the client that sent it.
     answered = {s for s, (r, _, _) in requests.items() if not r.get("unanswered")}
+    # A client that received another payload's answer is a victim (of a
+    # poisoned pooled connection); its own answer then goes on to the next
+    # client, and so on. Blame the start of such a chain: a smuggled request,
+    # or an owner that was not itself a victim.
     victims = {}
+    misdelivered = []
     for r in results:
         for s in sorted(set(r["seqs"])):
             if s not in requests:
@@ -377,10 +388,17 @@ def check(entries, results, log_path, keygate_alive, keygate_rc, keygate_err, ve
                 continue
             o = seq_owner[s]
             if o != r["name"]:
-                req = requests[s][0]
-                fail(o, "a", "the answer to %s %s (seq %d, %s) went to another client: %s" % (
-                    req["method"], show(req["target"], 80), s, requests[s][2], r["name"]))
                 victims.setdefault(r["name"], set()).add(o or "(unattributed)")
+                misdelivered.append((s, r["name"]))
+    for s, client in misdelivered:
+        req, o, how = requests[s]
+        msg = "the answer to %s %s (seq %d, %s) went to another client: %s" % (
+            req["method"], show(req["target"], 80), s, how, client)
+        if how == "own" and o in victims:
+            notes[o].append(msg + " (collateral: this client itself received the answer meant for %s)"
+                            % ", ".join(sorted(victims[o])))
+        else:
+            fail(o, "a", msg)
     for s in sorted(answered):
         if s in seen_by:
             continue
@@ -434,8 +452,15 @@ def check(entries, results, log_path, keygate_alive, keygate_rc, keygate_err, ve
             fail(o, "d", "X-Request-Id: smuggled reached the upstream (%s)" % tag)
 
     # (e) the upstream could frame everything keygate sent.
+    warnings = []
     for r, o, raw in errors:
         req = r.get("request")
+        if r["error"].startswith("upgrade/connect") and req and is_websocket(req):
+            # keygate relays WebSocket upgrades by design; the strict upstream
+            # cannot speak it. Not a framing error.
+            warnings.append((o or "(unattributed)", "WebSocket upgrade reached the upstream (keygate relays these by design; "
+                                                      "the strict upstream closed): %s" % show(r["error"], 120)))
+            continue
         what = " after head %s %s" % (req["method"], show(req["target"], 60)) if req else ""
         fail(o, "e", "strict upstream refused keygate's bytes on conn %s%s: %s; last bytes %s" % (
             r.get("conn"), what, r["error"], show(raw[-200:].decode("latin-1"), 240)))
@@ -444,10 +469,12 @@ def check(entries, results, log_path, keygate_alive, keygate_rc, keygate_err, ve
     crash = None
     if not keygate_alive:
         crash = "keygate exited during the run (code %s)" % keygate_rc
-    if "panicked at" in keygate_err:
+    n_panics = keygate_err.count("panicked at")
+    if n_panics:
         i = keygate_err.index("panicked at")
-        crash = (crash + "; " if crash else "") + "keygate panicked: " + show(keygate_err[i:i + 300], 400)
-    warnings = []
+        crash = (crash + "; " if crash else "") + "keygate logged %d panic(s), the first: %s" % (
+            n_panics, show(keygate_err[i:i + 120].split("\nstack backtrace")[0], 200))
+    silent = set()
     for r in results:
         if r["statuses"]:
             if r["ended"] not in ("eof",):
@@ -457,7 +484,7 @@ def check(entries, results, log_path, keygate_alive, keygate_rc, keygate_err, ve
                 warnings.append((r["name"], "a 504: the upstream was still waiting for bytes keygate "
                                             "considered complete (framing disagreement?)"))
         elif r["ended"] == "eof" and not r["bytes"]:
-            pass  # a clean close
+            silent.add(r["name"])  # a clean close
         else:
             warnings.append((r["name"], "no HTTP response; %s after %d bytes %s" % (
                 r["ended"], len(r["bytes"]), show(r["bytes"][:80].decode("latin-1"), 120))))
@@ -466,7 +493,44 @@ def check(entries, results, log_path, keygate_alive, keygate_rc, keygate_err, ve
         "fails": fails, "unattributed": unattributed, "notes": notes, "warnings": warnings,
         "crash": crash, "framed": len(answered), "seen": len(set(seen_by) & answered),
         "truncations": len(truncations), "errors": len(errors), "requests": len(requests),
+        "silent": len(silent - {r["name"] for r in results if r["statuses"]}),
     }
+
+
+# ------------------------------------------------------- panic bisection
+
+def panics(err_path):
+    return read(err_path).count("panicked at")
+
+
+def bisect_panics(port, err_path, entries, results, keygate, limit=800):
+    """Re-send, one at a time, the payloads whose clients got no answer and
+    see which make keygate log a panic. Returns ({name: excerpt}, skipped)."""
+    found = {}
+    by_name = {e["name"]: e for e in entries}
+    cands = [r["name"] for r in results if not r["statuses"]]
+    skipped = max(0, len(cands) - limit)
+    for name in cands[:limit]:
+        if keygate.poll() is not None:
+            break
+        size = os.path.getsize(err_path)
+        send(port, by_name[name])
+        # The panic is written before the connection is dropped, so it is
+        # normally there when send() returns; allow a little slack.
+        deadline = time.time() + 0.1
+        while time.time() < deadline:
+            if os.path.getsize(err_path) > size:
+                time.sleep(0.05)
+                with open(err_path, "rb") as f:
+                    f.seek(size)
+                    new = f.read().decode("utf-8", "replace")
+                if "panicked at" in new:
+                    i = new.index("panicked at")
+                    found[name] = new[i:i + 120].split("\nstack backtrace")[0]
+                    break
+                size = os.path.getsize(err_path)
+            time.sleep(0.01)
+    return found, skipped
 
 
 # ------------------------------------------------------------------ main
@@ -480,6 +544,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, config)")
     ap.add_argument("--verbose", "-v", action="store_true", help="also print warnings and notes")
+    ap.add_argument("--no-retry", action="store_true",
+                    help="no second, sequential pass for passing payloads that got a 502/504 or no answer")
     args = ap.parse_args()
 
     entries = []
@@ -514,10 +580,38 @@ def main():
         if sys.stderr.isatty():
             sys.stderr.write("\r")
         time.sleep(1.0)
+        # Second pass: a payload that passed but got no answer from the
+        # upstream (502/504) or none at all may have met a pooled upstream
+        # connection another payload had broken or poisoned. Send those again,
+        # one at a time, so that their verdict does not depend on scheduling.
+        alive = keygate.poll() is None
+        first = check(entries, results, log_path, alive, keygate.returncode, read(err_path), args.verbose)
+        by_name = {e["name"]: e for e in entries}
+        retried = 0
+        if alive and not args.no_retry:
+            for r in list(results):
+                if first["fails"][r["name"]] or not (502 in r["statuses"] or 504 in r["statuses"]
+                                                     or not r["statuses"]):
+                    continue
+                for _ in range(2):
+                    again = send(port, by_name[r["name"]])
+                    results.append(again)
+                    retried += 1
+                    if again["statuses"] and not ({502, 504} & set(again["statuses"])):
+                        break
+            time.sleep(1.0 if retried else 0)
         alive = keygate.poll() is None
         rc = keygate.returncode
         report = check(entries, results, log_path, alive, rc, read(err_path), args.verbose)
+        report["retried"] = retried
         elapsed = time.time() - t0
+        report["panickers"], report["panic_skipped"] = {}, 0
+        if alive and panics(err_path):
+            # After the invariants: the re-sends add to the upstream log.
+            report["panickers"], report["panic_skipped"] = bisect_panics(
+                port, err_path, entries, results, keygate)
+            for name, excerpt in report["panickers"].items():
+                report["fails"][name].append("(f) keygate panicked on this payload: " + show(excerpt, 200))
     finally:
         stop(keygate)
         stop(upstream)
@@ -545,15 +639,22 @@ def main():
                     print("NOTE %s: %s" % (name, msg))
     if report["crash"]:
         print("FAIL (f) " + report["crash"])
+        if report["panickers"]:
+            print("  re-sent alone, these payloads panic it: " + ", ".join(sorted(report["panickers"])))
+        elif report["panic_skipped"] == 0:
+            print("  no single payload reproduced it when re-sent alone")
+        if report["panic_skipped"]:
+            print("  (%d payloads without an answer were not re-sent)" % report["panic_skipped"])
     by_inv = {}
     for name in failed:
         for inv in sorted({m[1] for m in report["fails"][name]}):
             by_inv[inv] = by_inv.get(inv, 0) + 1
-    print("-- %d payloads in %.1f s; upstream framed %d answered request(s), clients received %d of them "
-          "(a: %s); %d upstream framing error(s); %d truncated body(ies); %d client warning(s)%s" % (
-              len(entries), elapsed, report["framed"], report["seen"],
+    print("-- %d payloads (+%d sequential re-sends) in %.1f s; upstream framed %d answered request(s), clients received %d of them "
+          "(a: %s); %d upstream framing error(s); %d truncated body(ies); %d payload(s) only ever met a "
+          "silent close; %d client warning(s)%s" % (
+              len(entries), report["retried"], elapsed, report["framed"], report["seen"],
               "equal" if report["framed"] == report["seen"] else "NOT equal",
-              report["errors"], report["truncations"], len(report["warnings"]),
+              report["errors"], report["truncations"], report["silent"], len(report["warnings"]),
               "" if args.verbose else " (-v shows them)"))
     if by_inv:
         print("-- failing payloads by invariant: " + ", ".join("%s=%d" % kv for kv in sorted(by_inv.items())))

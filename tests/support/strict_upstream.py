@@ -45,7 +45,9 @@ import h11
 
 RAW_KEEP = 4096
 MAX_DELAY_MS = 2000
-RECV = 65536
+# Small reads, so that h11's 16 KiB limit on an incomplete head, chunk line
+# or trailer section applies the same way however the bytes were segmented.
+RECV = 4096
 
 
 class Log:
@@ -120,13 +122,14 @@ def serve_conn(sock, conn_id, log):
             if event is h11.PAUSED:
                 # Upgrade or CONNECT: h11 stops framing here. A proxy should not
                 # have sent this; record the request, then an error, then close.
-                what = "upgrade/connect"
+                record = {"conn": conn_id, "error": "upgrade/connect", "raw_b64": b64(raw)}
                 if request is not None:
                     seq = log_request(log, conn_id, request, body, None, unanswered=True)
-                    what = "upgrade/connect: %s %s (seq %s) switched protocols; h11 paused" % (
+                    record["error"] = "upgrade/connect: %s %s (seq %s) proposes a protocol switch; h11 paused" % (
                         latin1(request.method), latin1(request.target), seq)
+                    record["request"] = describe(request)
                     request = None
-                log.write({"conn": conn_id, "error": what, "raw_b64": b64(raw)})
+                log.write(record)
                 return
             if isinstance(event, h11.Request):
                 request = event
@@ -142,7 +145,7 @@ def serve_conn(sock, conn_id, log):
                 delay = delay_ms(request)
                 if delay:
                     time.sleep(delay / 1000.0)
-                answer(sock, h, seq)
+                answer(sock, h, seq, request.method == b"HEAD")
                 request = None
                 if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                     return
@@ -198,14 +201,15 @@ def delay_ms(request):
     return 0
 
 
-def answer(sock, h, seq):
+def answer(sock, h, seq, head):
     payload = json.dumps({"seq": seq}).encode()
     out = h.send(h11.Response(status_code=200, reason=b"OK", headers=[
         ("content-type", "application/json"),
         ("x-upstream-seq", str(seq)),
         ("content-length", str(len(payload))),
     ]))
-    out += h.send(h11.Data(data=payload))
+    if not head:  # a HEAD answer has the length of the body it does not carry
+        out += h.send(h11.Data(data=payload))
     out += h.send(h11.EndOfMessage())
     sock.sendall(out)
 
