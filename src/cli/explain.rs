@@ -327,3 +327,57 @@ fn decision(line: &mut impl FnMut(&str, String), policy: &Policy, d: &Decision) 
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::policy_from;
+
+    fn ask(policy: &Policy, method: &str, path: &str) -> (String, bool) {
+        let req = Request {
+            method,
+            path,
+            ip: "192.0.2.1".parse().unwrap(),
+            token: None,
+            api_key: None,
+            headers: &[],
+        };
+        explain(policy, &req, 1_800_000_000_000_000).unwrap()
+    }
+
+    #[test]
+    fn webhook_paths_are_explained_as_the_proxy_dispatches_them() {
+        let policy = policy_from(
+            r#"
+[[webhooks]]
+path = "/hooks/billing"
+secret = "0123456789abcdef0123456789abcdef"
+"#,
+        );
+        let (text, allowed) = ask(&policy, "POST", "/hooks/billing");
+        assert!(allowed, "{text}");
+        assert!(text.contains("webhook /hooks/billing"), "{text}");
+        assert!(
+            !text.contains("\ncredential "),
+            "the gate does not run: {text}"
+        );
+    }
+
+    #[test]
+    fn auth_endpoints_refuse_other_methods_as_the_proxy_does() {
+        let policy = policy_from("");
+        let (text, allowed) = ask(&policy, "GET", "/api/v1/auth/token");
+        assert!(!allowed, "{text}");
+        assert!(text.contains("DENY 400"), "{text}");
+        assert!(ask(&policy, "POST", "/api/v1/auth/token").1);
+    }
+
+    #[test]
+    fn targets_the_proxy_refuses_are_refused() {
+        let policy = policy_from("");
+        for path in ["/admin;x", "/v1/%2e%2e%2fadmin", "/v1/a%5cb"] {
+            let (text, allowed) = ask(&policy, "GET", path);
+            assert!(!allowed && text.contains("DENY 400"), "{path}: {text}");
+        }
+    }
+}
