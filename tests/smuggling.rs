@@ -516,3 +516,66 @@ fn a_101_nobody_asked_for_is_a_502() {
     let answer = send(&kg, b"GET /public/a HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(statuses(&answer), [502], "{answer}");
 }
+
+#[test]
+fn a_lower_case_method_cannot_pose_as_another() {
+    // Django and Werkzeug upper-case methods: `delete` would pass a rule
+    // written for DELETE.
+    let (upstream, kg) = start();
+    for method in ["delete", "Delete", "gEt"] {
+        let answer = send(
+            &kg,
+            format!("{method} /public/m HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(statuses(&answer), [400], "{method}: {answer}");
+    }
+    upstream.settle();
+    assert!(upstream.requests().is_empty(), "{:#?}", upstream.records());
+}
+
+#[test]
+fn method_overrides_and_forged_client_claims_never_reach_the_upstream() {
+    let (upstream, kg) = start();
+    let attack = "POST /public/o HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\
+                  X-HTTP-Method-Override: DELETE\r\nX-Method-Override: DELETE\r\nX-HTTP-Method: DELETE\r\n\
+                  Forwarded: for=10.0.0.1;proto=https\r\nX-Real-IP: 10.0.0.1\r\nTrue-Client-IP: 10.0.0.1\r\n\
+                  X-Forwarded-Host: admin.internal\r\nX-Original-URL: /admin/x\r\nX-Rewrite-URL: /admin/x\r\n\r\n";
+    let answer = send(&kg, attack.as_bytes());
+    assert_eq!(statuses(&answer), [200], "{answer}");
+    upstream.settle();
+    let names = header_names(&upstream.requests()[0]);
+    for forged in [
+        "x-http-method-override",
+        "x-method-override",
+        "x-http-method",
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-forwarded-host",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert!(!names.contains(&forged.to_string()), "{forged}: {names:?}");
+    }
+}
+
+#[test]
+fn an_upstream_status_line_without_a_reason_is_relayed() {
+    let port = answering_upstream(b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok");
+    let kg = Keygate::start(&edge_config(""), port);
+    let answer = send(&kg, b"GET /public/a HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200 \r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}
+
+#[test]
+fn a_flood_of_interim_answers_is_a_502() {
+    let flood: &'static [u8] = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        .repeat(100)
+        .leak()
+        .as_bytes();
+    let port = answering_upstream(flood);
+    let kg = Keygate::start(&edge_config(""), port);
+    let answer = send(&kg, b"GET /public/a HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(statuses(&answer), [502], "{answer}");
+}

@@ -55,9 +55,15 @@ pub struct Span {
 }
 
 impl Span {
+    /// Where `part` lies in `buf`; empty when it does not lie there (httparse
+    /// hands out a static `""` for some empty fields).
     fn of(buf: &[u8], part: &[u8]) -> Span {
-        let start = part.as_ptr() as usize - buf.as_ptr() as usize;
-        Span::new(start, start + part.len())
+        let base = buf.as_ptr() as usize;
+        let at = part.as_ptr() as usize;
+        match at.checked_sub(base) {
+            Some(start) if start + part.len() <= buf.len() => Span::new(start, start + part.len()),
+            _ => Span::default(),
+        }
     }
 
     fn new(start: usize, end: usize) -> Span {
@@ -380,6 +386,11 @@ pub fn parse_request(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(WireError::Malformed("incomplete request line"));
     };
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        // Methods are case-sensitive, but Django, Werkzeug and older gunicorn
+        // upper-case them: `delete` would pass a rule for DELETE.
+        return Err(WireError::Malformed("the method must be upper case"));
+    }
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| WireError::Malformed("invalid method"))?;
     if method == Method::CONNECT {
@@ -442,6 +453,16 @@ pub fn parse_request(
     }))
 }
 
+/// The reason phrase of the status line at the start of `buf`, taken from
+/// the bytes themselves (`HTTP/1.1 200 OK`: after the second space).
+fn reason_span(buf: &[u8]) -> Span {
+    let line = buf.iter().position(|&b| b == b'\r').unwrap_or(0);
+    match buf[..line].iter().position(|&b| b == b' ') {
+        Some(first) if line > first + 5 => Span::new(first + 5, line),
+        _ => Span::default(),
+    }
+}
+
 /// Parse a response head to a request of `method`; `Ok(None)` until whole.
 /// The same strictness as for requests: a broken answer is never relayed.
 pub fn parse_response(
@@ -467,7 +488,10 @@ pub fn parse_response(
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(WireError::Malformed("incomplete status line"));
     };
-    let reason = Span::of(buf, resp.reason.unwrap_or("").as_bytes());
+    if !(100..=599).contains(&status) {
+        return Err(WireError::Malformed("status code out of range"));
+    }
+    let reason = reason_span(buf);
     spans(buf, resp.headers, &mut headers);
     let f = framing(buf, &headers)?;
     if f.other_coding {
@@ -497,7 +521,9 @@ pub fn parse_response(
         headers,
         len,
         body,
-        keep_alive: keep_alive && body != BodyKind::Close,
+        // An answer that framed itself two ways may mean the upstream sees
+        // its connection differently: not reused.
+        keep_alive: keep_alive && body != BodyKind::Close && !(f.chunked && f.lengths > 0),
         declared_length: if f.chunked { None } else { f.length },
         declared_chunked: f.chunked,
     }))

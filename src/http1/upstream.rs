@@ -41,18 +41,15 @@ pub enum Conn {
 }
 
 impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(s) => s.get_ref().0,
-        }
-    }
-
     /// An idle connection is usable while it has nothing to read: EOF or
-    /// stray bytes both mean the upstream is done with it.
-    fn is_idle_and_open(&self) -> bool {
+    /// stray bytes both mean the upstream is done with it. Probed through
+    /// the stream itself, so bytes a TLS session already decrypted and
+    /// buffered count too.
+    fn is_idle_and_open(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(Pin::new(self).poll_read(&mut cx, &mut buf), Poll::Pending)
     }
 }
 
@@ -172,7 +169,7 @@ impl Pool {
     /// The most recently used live connection to `up`, if any.
     pub fn take(&self, up: &Upstream) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
-        while let Some(entry) = idle.pop() {
+        while let Some(mut entry) = idle.pop() {
             if (Arc::ptr_eq(&entry.upstream, &up.url) || entry.upstream == up.url)
                 && entry.since.elapsed() < IDLE_TIMEOUT
                 && entry.conn.is_idle_and_open()

@@ -44,6 +44,15 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an unread request body is drained after an early answer.
 const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How long a write to the client may make no progress (nginx's
+/// `send_timeout` is 60 s): a client that stops reading does not hold its
+/// connection, and an upstream connection, forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The whole of a body keygate reads into memory (auth endpoints, webhooks)
+/// must arrive within this, however it is dripped.
+const BODY_DEADLINE: Duration = Duration::from_secs(60);
+/// Interim (1xx) answers skipped before an upstream is deemed broken.
+const MAX_INTERIM: usize = 16;
 /// A client-sent request id is kept when it is this short and printable.
 const MAX_REQUEST_ID_LEN: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
@@ -177,6 +186,8 @@ enum BodyRead {
     Whole(Vec<u8>),
     TooLarge,
     Malformed(&'static str),
+    /// Not whole within [`BODY_DEADLINE`].
+    TooSlow,
 }
 
 /// The request target sent upstream: as received, or rewritten.
@@ -425,6 +436,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 return self.refuse(x, head, refusal).await;
             }
             BodyRead::Malformed(why) => return self.refuse(x, head, Refusal::Body(why)).await,
+            BodyRead::TooSlow => {
+                let refusal = Refusal::Wire(WireError::Timeout);
+                return self.refuse(x, head, refusal).await;
+            }
         };
         let issuer: Arc<Issuer> = worker.shared.issuer.clone();
         let now = crate::policy::unix_now_us();
@@ -488,6 +503,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 return self.refuse(x, head, refusal).await;
             }
             BodyRead::Malformed(why) => return self.refuse(x, head, Refusal::Body(why)).await,
+            BodyRead::TooSlow => {
+                let refusal = Refusal::Wire(WireError::Timeout);
+                return self.refuse(x, head, refusal).await;
+            }
         };
         let verdict = {
             let view = HeadView {
@@ -611,7 +630,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let sent = Instant::now();
         let mut retried = false;
         let (mut up_conn, resp) = loop {
-            let (conn, reused) = match worker.pool.take(up) {
+            // A retry never goes back to the pool: a fresh connection.
+            let pooled = if retried { None } else { worker.pool.take(up) };
+            let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None => match upstream::connect(up).await {
                     Ok(conn) => (conn, false),
@@ -687,7 +708,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             || worker.draining.get()
             || !x.body.is_done()
             || (http10 && matches!(resp.body, BodyKind::Chunked | BodyKind::Close));
-        self.response_head(x, &resp, close, upgrade.filter(|_| switching), reframe);
+        let switched_to = upgrade.filter(|_| switching);
+        self.response_head(x, &resp, close, switched_to, reframe, http10);
         let body_start = resp.len;
         let (body, keep_alive) = (resp.body, resp.keep_alive);
         self.up_headers = resp.headers;
@@ -715,7 +737,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// After a `101`: the bytes each side sent early, then bytes both ways.
     async fn switch(&mut self, up_conn: &mut Conn, body_start: usize) -> Step<Next> {
         self.out.extend_from_slice(&self.up_buf[body_start..]);
-        if self.stream.write_all(&self.out).await.is_err() {
+        if send(&mut self.stream, &self.out).await.is_err() {
             return Err(Gone);
         }
         let early = &self.rest[self.rest_pos..];
@@ -817,11 +839,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             return Err(Gone);
         }
         let mut body = Vec::new();
+        let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
         while !x.body.is_done() {
-            match self.pull_body(&mut x.body, &mut body, false).await {
-                Ok(()) => {}
-                Err(BodyFailure::Gone) => return Err(Gone),
-                Err(BodyFailure::Malformed(why)) => return Ok(BodyRead::Malformed(why)),
+            let pulled =
+                tokio::time::timeout_at(deadline, self.pull_body(&mut x.body, &mut body, false));
+            match pulled.await {
+                Ok(Ok(())) => {}
+                Ok(Err(BodyFailure::Gone)) => return Err(Gone),
+                Ok(Err(BodyFailure::Malformed(why))) => return Ok(BodyRead::Malformed(why)),
+                Err(_) => return Ok(BodyRead::TooSlow),
             }
             if body.len() > limit {
                 return Ok(BodyRead::TooLarge);
@@ -836,27 +862,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         conn: &mut Conn,
         timeout: Duration,
     ) -> Result<ResponseHead, Failure> {
-        let mut start = 0;
+        let mut interim = 0;
         loop {
-            if self.up_buf.len() > start {
+            if !self.up_buf.is_empty() {
                 let headers = std::mem::take(&mut self.up_headers);
-                match parse::parse_response(&self.up_buf[start..], &head.method, headers) {
+                match parse::parse_response(&self.up_buf, &head.method, headers) {
                     Ok(Some(resp)) if resp.status < 200 && resp.status != 101 => {
-                        // Interim answers (100, 103) are not relayed.
-                        start += resp.len;
+                        // Interim answers (100, 103) are not relayed; a
+                        // stream of them is a broken upstream.
+                        interim += 1;
+                        if interim > MAX_INTERIM {
+                            return Err(Failure::Protocol);
+                        }
+                        self.up_buf.drain(..resp.len);
                         self.up_headers = resp.headers;
                         continue;
                     }
-                    Ok(Some(mut resp)) => {
-                        if start > 0 {
-                            self.up_buf.drain(..start);
-                            resp = parse::parse_response(&self.up_buf, &head.method, resp.headers)
-                                .ok()
-                                .flatten()
-                                .ok_or(Failure::Protocol)?;
-                        }
-                        return Ok(resp);
-                    }
+                    Ok(Some(resp)) => return Ok(resp),
                     Ok(None) => {}
                     Err(_) => return Err(Failure::Protocol),
                 }
@@ -878,6 +900,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         close: bool,
         switched_to: Option<&str>,
         reframe: Reframe,
+        http10: bool,
     ) {
         let rate = x.decision.as_ref().and_then(|d| d.rate);
         let out = &mut self.out;
@@ -898,7 +921,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             BodyKind::None if resp.status >= 200 && resp.status != 204 => {
                 if let Some(n) = resp.declared_length {
                     header_u64(out, b"content-length", n);
-                } else if resp.declared_chunked && reframe == Reframe::Raw && !close {
+                } else if resp.declared_chunked && !http10 {
                     header(out, b"transfer-encoding", b"chunked");
                 }
             }
@@ -944,7 +967,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.out.extend_from_slice(LAST_CHUNK);
             }
             if !self.out.is_empty() {
-                if self.stream.write_all(&self.out).await.is_err() {
+                if send(&mut self.stream, &self.out).await.is_err() {
                     return Err(Relay::Gone);
                 }
                 self.out.clear();
@@ -961,7 +984,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 Ok(Ok(_)) if decoder.eof().is_ok() => {
                     // A close-delimited answer ended.
                     if reframe == Reframe::Chunks
-                        && self.stream.write_all(LAST_CHUNK).await.is_err()
+                        && send(&mut self.stream, LAST_CHUNK).await.is_err()
                     {
                         return Err(Relay::Gone);
                     }
@@ -1019,7 +1042,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         );
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(&body);
-        let _ = self.stream.write_all(&self.out).await;
+        let _ = send(&mut self.stream, &self.out).await;
         METRICS
             .auth_denials
             .with_label_values(&["invalid_request"])
@@ -1088,7 +1111,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if head.method != Method::HEAD {
             self.out.extend_from_slice(body);
         }
-        if self.stream.write_all(&self.out).await.is_err() {
+        if send(&mut self.stream, &self.out).await.is_err() {
             return Err(Gone);
         }
         Ok(next)
@@ -1097,9 +1120,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// The interim answer to `Expect: 100-continue`, sent just before keygate
     /// reads the body (the upstream never sees the expectation).
     async fn continue_100(&mut self) -> std::io::Result<()> {
-        self.stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
+        send(&mut self.stream, b"HTTP/1.1 100 Continue\r\n\r\n").await
     }
 
     /// Read and drop what the client still sends, for a bounded time.
@@ -1192,6 +1213,14 @@ impl Exchange {
                 total_ms: access_log::ms(elapsed),
             },
         );
+    }
+}
+
+/// Write all of `bytes` to the client within [`SEND_TIMEOUT`].
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(SEND_TIMEOUT, stream.write_all(bytes)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 

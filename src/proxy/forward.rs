@@ -5,8 +5,10 @@
 //!
 //! Upstream-bound: the normalised target, one `Host`, no hop-by-hop fields
 //! (including those the request's `Connection` names), no client-made
-//! `X-Auth-*`, no header name with `_` (see [`Underscores`]), credentials
-//! stripped unless forwarded, then keygate's identity and forwarding headers.
+//! `X-Auth-*`, no header name with `_` (see `Underscores`), no method
+//! override, no client-address or original-URL claims unless the peer is a
+//! trusted proxy, credentials stripped unless forwarded, then keygate's
+//! identity and forwarding headers.
 
 use std::net::IpAddr;
 
@@ -14,6 +16,36 @@ use crate::gate::{Principal, RateInfo};
 use crate::http1::encode::{header, push_u64, status_line, HopByHop};
 use crate::http1::parse::{HeadView, RequestHead, ResponseHead};
 use crate::policy::Policy;
+
+/// Headers that ask the upstream to run another method than the one the
+/// gate checked (Rails, Laravel, Symfony and Express honour them): never
+/// forwarded.
+const METHOD_OVERRIDES: [&[u8]; 3] = [
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+];
+
+/// Headers through which upstreams learn the client's address or the
+/// original URL; believed only from a trusted proxy, like `X-Forwarded-For`.
+/// `X-Original-URL` and `X-Rewrite-URL` make IIS and Symfony route by a
+/// path the gate never matched.
+const CLIENT_CLAIMS: [&[u8]; 10] = [
+    b"forwarded",
+    b"x-real-ip",
+    b"true-client-ip",
+    b"x-client-ip",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"x-forwarded-server",
+    b"x-original-url",
+    b"x-rewrite-url",
+];
+
+fn is_one_of(name: &[u8], list: &[&[u8]]) -> bool {
+    list.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
 
 /// What the upstream-bound head is made of besides the request itself.
 pub struct Plan<'a> {
@@ -70,6 +102,8 @@ pub fn request_head(
             proto_sent = true;
         } else if hop.drops(name)
             || name.contains(&b'_')
+            || is_one_of(name, &METHOD_OVERRIDES)
+            || (!trusted_peer && is_one_of(name, &CLIENT_CLAIMS))
             || is(b"x-forwarded-proto")
             || is(b"x-request-id")
             || (name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"x-auth-"))

@@ -79,6 +79,8 @@ fn framing_that_could_smuggle_is_refused() {
         "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
         "GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
         "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "delete /vms/1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "Delete /vms/1 HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         assert_eq!(refused(bad), 400, "{bad:?}");
     }
@@ -190,6 +192,24 @@ fn an_answer_with_both_framings_is_chunked_and_its_length_dropped() {
     let head = resp(Method::GET, text).unwrap().unwrap();
     assert_eq!(head.body, BodyKind::Chunked);
     assert_eq!(head.declared_length, None);
+}
+
+#[test]
+fn status_lines_without_or_with_odd_reasons_are_read_safely() {
+    for (text, reason) in [
+        ("HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", &b""[..]),
+        ("HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n", b""),
+        (
+            "HTTP/1.1 200 Caf\u{e9}\r\nContent-Length: 0\r\n\r\n",
+            "Caf\u{e9}".as_bytes(),
+        ),
+        ("HTTP/1.1 404 Not Found\r\n\r\n", b"Not Found"),
+    ] {
+        let head = resp(Method::GET, text).unwrap().unwrap();
+        assert_eq!(head.reason.get(text.as_bytes()), reason, "{text:?}");
+    }
+    assert!(resp(Method::GET, "HTTP/1.1 099 X\r\n\r\n").is_err());
+    assert!(resp(Method::GET, "HTTP/1.1 600 X\r\n\r\n").is_err());
 }
 
 #[test]

@@ -37,7 +37,8 @@ fn client_framing_hop_by_hop_and_identity_headers_never_reach_the_upstream() {
          Connection: keep-alive, X-Secret\r\nX-Secret: s\r\nTE: trailers\r\nTrailer: X-Auth-Subject\r\n\
          X-Auth-Subject: admin\r\nx-auth-tier: enterprise\r\nX_Auth_Subject: admin\r\nX-Auth_Tier: x\r\n\
          X_Forwarded_For: 1.2.3.4\r\nX-Request-Id: client\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\
-         Upgrade: h2c\r\nProxy-Authorization: Basic eA==\r\nX-Kept: yes\r\n\r\n",
+         Upgrade: h2c\r\nProxy-Authorization: Basic eA==\r\nX-HTTP-Method-Override: DELETE\r\n\
+         Forwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\nX-Original-URL: /admin\r\nX-Kept: yes\r\n\r\n",
     );
     assert_eq!(
         names(&out),
