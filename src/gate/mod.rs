@@ -177,6 +177,13 @@ pub fn decide<H: HeaderSource + ?Sized>(
 ) -> Decision {
     let client_ip = client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies);
     let route = policy.router.lookup(req.method, req.path);
+    // Express and ASP.NET route without regard to letter case: `/ADMIN`
+    // must not pass by missing a rule that `/admin` would meet.
+    let ambiguous = req.path.bytes().any(|b| b.is_ascii_uppercase())
+        && policy
+            .router
+            .lookup(req.method, &req.path.to_ascii_lowercase())
+            .is_some_and(|lower| Some(lower) != route);
     let access = route.map_or(policy.auth.default_access, |r| policy.route(r).access);
     let mut decision = Decision {
         client_ip,
@@ -186,7 +193,13 @@ pub fn decide<H: HeaderSource + ?Sized>(
         rate: None,
         verdict: Ok(()),
     };
-    decision.verdict = judge(policy, limiter, req, now_us, &mut decision);
+    decision.verdict = if ambiguous {
+        Err(Denial::InvalidRequest(
+            "the path's letter case changes which route it matches",
+        ))
+    } else {
+        judge(policy, limiter, req, now_us, &mut decision)
+    };
     decision
 }
 

@@ -638,3 +638,12 @@ fn a_reload_starts_with_an_empty_cache() {
         Err(Denial::InvalidToken("the account is disabled"))
     );
 }
+
+#[test]
+fn a_path_whose_letter_case_changes_its_route_is_refused() {
+    assert_eq!(req(Method::GET, "/ADMIN/x").code(), "invalid_request");
+    assert_eq!(req(Method::GET, "/Admin/users").code(), "invalid_request");
+    // Upper case that keeps the route (an id) is fine.
+    let vm = req(Method::GET, "/v1/vms/VM-ABC").bearer(&token("hs", "u_alice"));
+    assert_eq!(vm.code(), "allow");
+}
