@@ -14,55 +14,11 @@ use std::time::Duration;
 use support::strict::{header_names, header_values, StrictUpstream};
 use support::*;
 
-/// Public paths, a denied `/admin`, and `public` for everything else, so a
-/// target that slips past the deny route would reach the upstream.
+/// `tests/fixtures/edge.toml`, with `extra_server` lines in `[server]`.
 fn edge_config(extra_server: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_listen = "{{admin}}"
-threads = 1
-state_dir = "{{state}}"
-grace_period = "1s"
-{extra_server}
-
-[log]
-access = "off"
-
-[upstream]
-url = "{{upstream}}"
-connect_timeout = "1s"
-read_timeout = "3s"
-
-[auth]
-issuer = "keygate"
-audience = "api"
-default_access = "public"
-
-[[auth.keys]]
-kid = "hs-1"
-algorithm = "HS256"
-secret_env = "KEYGATE_TEST_HS"
-sign = true
-
-[tiers.free]
-limit = 1000
-period = "1h"
-
-[[routes]]
-path = "/public/{{*rest}}"
-access = "public"
-
-[[routes]]
-path = "/admin"
-access = "deny"
-
-[[routes]]
-path = "/admin/{{*rest}}"
-access = "deny"
-"#
-    )
+    std::fs::read_to_string(fixture("edge.toml"))
+        .expect("tests/fixtures/edge.toml")
+        .replace("#server-extra", extra_server)
 }
 
 fn start() -> (StrictUpstream, Keygate) {

@@ -181,15 +181,6 @@ struct Exchange {
     body: Decoder,
 }
 
-/// A request body as read for keygate's own use, or why not.
-enum BodyRead {
-    Whole(Vec<u8>),
-    TooLarge,
-    Malformed(&'static str),
-    /// Not whole within [`BODY_DEADLINE`].
-    TooSlow,
-}
-
 /// The request target sent upstream: as received, or rewritten.
 enum Target {
     Buf(std::ops::Range<usize>),
@@ -430,16 +421,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         let client_ip = gate::client_ip::resolve(self.peer, &view, &policy.server.trusted_proxies);
         let body = match self.read_body(head, x, crate::issue::MAX_BODY).await? {
-            BodyRead::Whole(body) => body,
-            BodyRead::TooLarge => {
-                let refusal = Refusal::Issue(IssueError::PayloadTooLarge);
-                return self.refuse(x, head, refusal).await;
-            }
-            BodyRead::Malformed(why) => return self.refuse(x, head, Refusal::Body(why)).await,
-            BodyRead::TooSlow => {
-                let refusal = Refusal::Wire(WireError::Timeout);
-                return self.refuse(x, head, refusal).await;
-            }
+            Ok(body) => body,
+            Err(refusal) => return self.refuse(x, head, refusal).await,
         };
         let issuer: Arc<Issuer> = worker.shared.issuer.clone();
         let now = crate::policy::unix_now_us();
@@ -496,15 +479,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 .await;
         }
         let body = match self.read_body(head, x, hook.max_body).await? {
-            BodyRead::Whole(body) => body,
-            BodyRead::TooLarge => {
-                count("too_large");
-                let refusal = Refusal::Issue(IssueError::PayloadTooLarge);
-                return self.refuse(x, head, refusal).await;
-            }
-            BodyRead::Malformed(why) => return self.refuse(x, head, Refusal::Body(why)).await,
-            BodyRead::TooSlow => {
-                let refusal = Refusal::Wire(WireError::Timeout);
+            Ok(body) => body,
+            Err(refusal) => {
+                if matches!(refusal, Refusal::Issue(IssueError::PayloadTooLarge)) {
+                    count("too_large");
+                }
                 return self.refuse(x, head, refusal).await;
             }
         };
@@ -822,17 +801,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(())
     }
 
-    /// The whole body, decoded, or `TooLarge` past `limit` (checked against
-    /// Content-Length first, then as bytes arrive).
+    /// The whole body, decoded, for keygate's own use; refused past `limit`
+    /// (checked against Content-Length first, then as bytes arrive), when
+    /// malformed, or when not whole within [`BODY_DEADLINE`].
     async fn read_body(
         &mut self,
         head: &RequestHead,
         x: &mut Exchange,
         limit: usize,
-    ) -> Step<BodyRead> {
+    ) -> Step<Result<Vec<u8>, Refusal>> {
+        let too_large = Refusal::Issue(IssueError::PayloadTooLarge);
         if let BodyKind::Length(n) = head.body {
             if n > limit as u64 {
-                return Ok(BodyRead::TooLarge);
+                return Ok(Err(too_large));
             }
         }
         if head.expect_continue && self.continue_100().await.is_err() {
@@ -846,14 +827,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             match pulled.await {
                 Ok(Ok(())) => {}
                 Ok(Err(BodyFailure::Gone)) => return Err(Gone),
-                Ok(Err(BodyFailure::Malformed(why))) => return Ok(BodyRead::Malformed(why)),
-                Err(_) => return Ok(BodyRead::TooSlow),
+                Ok(Err(BodyFailure::Malformed(why))) => return Ok(Err(Refusal::Body(why))),
+                Err(_) => return Ok(Err(Refusal::Wire(WireError::Timeout))),
             }
             if body.len() > limit {
-                return Ok(BodyRead::TooLarge);
+                return Ok(Err(too_large));
             }
         }
-        Ok(BodyRead::Whole(body))
+        Ok(Ok(body))
     }
 
     async fn read_response_head(

@@ -14,7 +14,6 @@ See tests/differential/README.md for what each invariant means.
 import argparse
 import base64
 import concurrent.futures
-import hashlib
 import json
 import os
 import re
@@ -39,59 +38,8 @@ CLIENT_CAP = 1 << 20
 # keygate's own identity headers for an API key without a user.
 OWN_AUTH = {"x-auth-subject", "x-auth-tier", "x-auth-permissions", "x-auth-method", "x-auth-key-id"}
 
-CONFIG = """\
-[server]
-listen = "127.0.0.1:{listen}"
-admin_listen = "127.0.0.1:{admin}"
-threads = 1
-state_dir = "{state}"
-grace_period = "1s"
-
-[log]
-access = "off"
-
-[upstream]
-url = "http://127.0.0.1:{upstream}"
-connect_timeout = "1s"
-read_timeout = "3s"
-
-[auth]
-issuer = "keygate"
-audience = "api"
-default_access = "public"
-
-[[auth.keys]]
-kid = "hs-1"
-algorithm = "HS256"
-secret_env = "KEYGATE_TEST_HS"
-sign = true
-
-[tiers.free]
-limit = 1000000
-period = "1h"
-
-[[api_keys]]
-id = "{probe_id}"
-sha256 = "{probe_sha}"
-tier = "free"
-permissions = []
-
-[[routes]]
-path = "/public/{{*rest}}"
-access = "public"
-
-[[routes]]
-path = "/admin"
-access = "deny"
-
-[[routes]]
-path = "/admin/{{*rest}}"
-access = "deny"
-
-[[routes]]
-path = "/private/{{*rest}}"
-access = "authenticated"
-"""
+# The policy, shared with tests/smuggling.rs.
+CONFIG = os.path.join(REPO, "tests", "fixtures", "edge.toml")
 
 
 # ------------------------------------------------------------ processes
@@ -132,9 +80,13 @@ def start_keygate(binary, tmp, upstream_port):
     listen, admin = free_port(), free_port()
     cfg = os.path.join(tmp, "keygate.toml")
     with open(cfg, "w") as f:
-        f.write(CONFIG.format(listen=listen, admin=admin, upstream=upstream_port,
-                              state=os.path.join(tmp, "state"), probe_id=PROBE_ID,
-                              probe_sha=hashlib.sha256(PROBE_KEY.encode()).hexdigest()))
+        with open(CONFIG) as template:
+            text = template.read()
+        for name, value in (("listen", "127.0.0.1:%d" % listen), ("admin", "127.0.0.1:%d" % admin),
+                            ("upstream", "http://127.0.0.1:%d" % upstream_port),
+                            ("state", os.path.join(tmp, "state"))):
+            text = text.replace("{%s}" % name, value)
+        f.write(text)
     env = dict(os.environ, KEYGATE_TEST_HS=HS_SECRET, RUST_LOG="warn")
     err_path = os.path.join(tmp, "keygate.stderr")
     proc = subprocess.Popen([binary, "run", "-c", cfg], env=env,
