@@ -10,7 +10,7 @@ use super::parse::{is_tchar, BodyKind};
 const MAX_SIZE_DIGITS: u8 = 16;
 /// Bytes of chunk extensions on one size line (they are dropped anyway).
 const MAX_EXTENSION: usize = 4096;
-/// The whole trailer section (dropped too).
+/// The trailer section's names, colons and values (dropped too).
 const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Why a body could not be read.
@@ -194,7 +194,10 @@ impl Chunked {
                     _ => return bad("invalid trailer line"),
                 },
                 State::TrailerName => match b {
-                    b':' => self.state = State::TrailerValue,
+                    b':' => {
+                        self.trailer(1)?;
+                        self.state = State::TrailerValue;
+                    }
                     b if is_tchar(b) => self.trailer(1)?,
                     _ => return bad("invalid trailer name"),
                 },
