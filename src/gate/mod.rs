@@ -19,7 +19,7 @@ pub use credential::{extract as extract_credential, find_api_key, Credential, MA
 pub use denial::{error_body, Denial};
 pub use jwt::verify as verify_jwt;
 
-use crate::limit::{AccountId, Limiter, Outcome};
+use crate::limit::{AccountId, Limiter, Outcome, Quota};
 use crate::policy::{Access, KeyIdx, Permissions, Policy, Rate, RouteIdx, TierIdx, UserIdx};
 
 /// What the gate needs to know about a request.
@@ -151,7 +151,19 @@ pub struct Decision {
     pub principal: Option<Principal>,
     /// The limiter's answer, when a limited tier applied.
     pub rate: Option<RateInfo>,
+    /// What the request still needs to pass: a unit of this quota. Set by
+    /// [`assess`] when everything else passed; cleared by [`Decision::settle`].
+    pub pending: Option<QuotaNeed>,
     pub verdict: Result<(), Denial>,
+}
+
+/// One unit of `quota` for `account`, under `tier`: the question the gate
+/// leaves to the limiter service, local or shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaNeed {
+    pub tier: TierIdx,
+    pub account: AccountId,
+    pub quota: Quota,
 }
 
 /// The tier that limited a request and what the limiter said.
@@ -163,7 +175,20 @@ pub struct RateInfo {
 
 impl Decision {
     pub fn allowed(&self) -> bool {
-        self.verdict.is_ok()
+        self.verdict.is_ok() && self.pending.is_none()
+    }
+
+    /// Apply the limiter's answer to the pending [`QuotaNeed`].
+    pub fn settle(&mut self, outcome: Outcome) {
+        if let Some(need) = self.pending.take() {
+            self.rate = Some(RateInfo {
+                tier: need.tier,
+                outcome,
+            });
+            if !outcome.allowed {
+                self.verdict = Err(Denial::RateLimited);
+            }
+        }
     }
 }
 
@@ -172,6 +197,21 @@ impl Decision {
 pub fn decide<H: HeaderSource + ?Sized>(
     policy: &Policy,
     limiter: &Limiter,
+    req: &RequestFacts<'_, H>,
+    now_us: u64,
+) -> Decision {
+    let mut decision = assess(policy, req, now_us);
+    if let Some(need) = decision.pending {
+        decision.settle(limiter.check(need.account, &need.quota, now_us));
+    }
+    decision
+}
+
+/// Every step but the quota: pure, no I/O and no shared state. When a
+/// limited tier applies and everything else passed, the decision carries a
+/// [`QuotaNeed`] for the caller to put to its limiter.
+pub fn assess<H: HeaderSource + ?Sized>(
+    policy: &Policy,
     req: &RequestFacts<'_, H>,
     now_us: u64,
 ) -> Decision {
@@ -191,6 +231,7 @@ pub fn decide<H: HeaderSource + ?Sized>(
         access,
         principal: None,
         rate: None,
+        pending: None,
         verdict: Ok(()),
     };
     decision.verdict = if ambiguous {
@@ -198,14 +239,13 @@ pub fn decide<H: HeaderSource + ?Sized>(
             "the path's letter case changes which route it matches",
         ))
     } else {
-        judge(policy, limiter, req, now_us, &mut decision)
+        judge(policy, req, now_us, &mut decision)
     };
     decision
 }
 
 fn judge<H: HeaderSource + ?Sized>(
     policy: &Policy,
-    limiter: &Limiter,
     req: &RequestFacts<'_, H>,
     now_us: u64,
     decision: &mut Decision,
@@ -221,7 +261,8 @@ fn judge<H: HeaderSource + ?Sized>(
             return match tier {
                 Some(tier) => {
                     let account = ip_account(policy, tier, decision.client_ip);
-                    limit(policy, limiter, tier, account, now_us, decision)
+                    needs_quota(policy, tier, account, decision);
+                    Ok(())
                 }
                 None => Ok(()),
             };
@@ -259,34 +300,19 @@ fn judge<H: HeaderSource + ?Sized>(
         }
     }
     let tier = principal.tier(policy);
-    limit(
-        policy,
-        limiter,
-        tier,
-        principal.account(policy),
-        now_us,
-        decision,
-    )
+    needs_quota(policy, tier, principal.account(policy), decision);
+    Ok(())
 }
 
-/// Step 5: the tier's quota. Unlimited tiers never touch the limiter.
-fn limit(
-    policy: &Policy,
-    limiter: &Limiter,
-    tier: TierIdx,
-    account: AccountId,
-    now_us: u64,
-    decision: &mut Decision,
-) -> Result<(), Denial> {
-    let Rate::Limited(quota) = policy.tier(tier).rate else {
-        return Ok(());
-    };
-    let outcome = limiter.check(account, &quota, now_us);
-    decision.rate = Some(RateInfo { tier, outcome });
-    if outcome.allowed {
-        Ok(())
-    } else {
-        Err(Denial::RateLimited)
+/// Step 5: the tier's quota, left to the limiter. Unlimited tiers never
+/// touch it.
+fn needs_quota(policy: &Policy, tier: TierIdx, account: AccountId, decision: &mut Decision) {
+    if let Rate::Limited(quota) = policy.tier(tier).rate {
+        decision.pending = Some(QuotaNeed {
+            tier,
+            account,
+            quota,
+        });
     }
 }
 

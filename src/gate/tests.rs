@@ -647,3 +647,39 @@ fn a_path_whose_letter_case_changes_its_route_is_refused() {
     let vm = req(Method::GET, "/v1/vms/VM-ABC").bearer(&token("hs", "u_alice"));
     assert_eq!(vm.code(), "allow");
 }
+
+#[test]
+fn assess_is_pure_and_leaves_the_quota_to_the_limiter() {
+    let policy = testing::policy();
+    let r = req(Method::GET, "/v1/vms")
+        .bearer(&token("hs", "u_bob"))
+        .from("198.51.100.9");
+    let facts = RequestFacts {
+        peer: r.peer,
+        method: &r.method,
+        path: r.path,
+        headers: &r.headers,
+    };
+    let mut d = assess(&policy, &facts, NOW * 1_000_000);
+    let need = d.pending.expect("bob's free tier is limited");
+    assert_eq!(
+        need.account,
+        policy.user(d.principal.unwrap().user.unwrap()).account
+    );
+    assert!(d.verdict.is_ok() && !d.allowed(), "undecided until settled");
+    let limiter = Limiter::new();
+    d.settle(limiter.check(need.account, &need.quota, NOW * 1_000_000));
+    assert!(d.allowed() && d.pending.is_none());
+    assert_eq!(d.rate.unwrap().outcome.remaining, 99);
+    // A refusal from the limiter becomes the verdict.
+    let mut refused = assess(&policy, &facts, NOW * 1_000_000);
+    let outcome = crate::limit::Outcome {
+        allowed: false,
+        limit: 100,
+        remaining: 0,
+        reset_secs: 3600,
+        retry_after_secs: 36,
+    };
+    refused.settle(outcome);
+    assert_eq!(refused.verdict, Err(Denial::RateLimited));
+}

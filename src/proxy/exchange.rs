@@ -352,12 +352,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 headers: &view,
             };
             let started = Instant::now();
-            let decision = gate::decide(
-                &policy,
-                &worker.shared.limiter,
-                &facts,
-                crate::policy::unix_now_us(),
-            );
+            let now_us = crate::policy::unix_now_us();
+            let mut decision = gate::assess(&policy, &facts, now_us);
+            // The pure decision leaves the quota to the limiter service.
+            if let Some(need) = decision.pending {
+                let limiter = &worker.shared.limiter;
+                decision.settle(limiter.check(need.account, &need.quota, now_us));
+            }
             METRICS
                 .gate_duration
                 .observe(started.elapsed().as_secs_f64());
