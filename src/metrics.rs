@@ -27,6 +27,10 @@ pub struct Metrics {
     pub login_throttled: IntCounter,
     pub limiter_accounts: IntGauge,
     pub state_errors: IntCounterVec,
+    pub redis_calls: IntCounterVec,
+    pub redis_call_duration: Histogram,
+    pub limit_decisions: IntCounterVec,
+    pub state_up: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
     pub config_last_reload_success_timestamp: IntGauge,
@@ -92,6 +96,29 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["code"]
         )
         .expect("register keygate_auth_denials_total"),
+        redis_calls: register_int_counter_vec!(
+            "keygate_redis_calls_total",
+            "Calls to the shared state store (Redis), by operation and outcome (ok, error, timeout, skipped while the breaker is open).",
+            &["op", "outcome"]
+        )
+        .expect("register keygate_redis_calls_total"),
+        redis_call_duration: register_histogram!(
+            "keygate_redis_call_duration_seconds",
+            "Time of calls to Redis that got an answer.",
+            GATE_BUCKETS.iter().map(|b| b * 100.0).collect::<Vec<_>>()
+        )
+        .expect("register keygate_redis_call_duration_seconds"),
+        limit_decisions: register_int_counter_vec!(
+            "keygate_limit_decisions_total",
+            "Rate-limit decisions by source: local, redis, deny_cache (a refusal cached until its retry time), fallback_local, fallback_open, fallback_closed.",
+            &["source"]
+        )
+        .expect("register keygate_limit_decisions_total"),
+        state_up: register_int_gauge!(
+            "keygate_state_up",
+            "1 while the state store answers (always 1 for the embedded store), 0 while Redis does not."
+        )
+        .expect("register keygate_state_up"),
         upstream_errors: register_int_counter_vec!(
             "keygate_upstream_errors_total",
             "Requests that failed at the upstream, by kind (connect, timeout, other).",

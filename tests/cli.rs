@@ -231,10 +231,11 @@ fn demo_curl_lines_behave_as_printed() {
     let _ = demo.wait();
 }
 
-/// The example documents [[webhooks]] and [webhook_relay] as comments (they
-/// need secrets a fresh checkout does not have); uncommented, they are valid.
+/// The example documents [[webhooks]], [webhook_relay] and [state] as
+/// comments (they need secrets a fresh checkout does not have); uncommented,
+/// they are valid.
 #[test]
-fn the_commented_webhook_sections_of_the_example_are_valid() {
+fn the_commented_sections_of_the_example_are_valid() {
     let text = example();
     let start = text.find("# [[webhooks]]").expect("webhooks documented");
     let uncommented: Vec<String> = text[start..]
@@ -262,6 +263,7 @@ fn the_commented_webhook_sections_of_the_example_are_valid() {
         .env("BILLING_WEBHOOK_SECRET", "a")
         .env("BILLING_WEBHOOK_SECRET_NEXT", "b")
         .env("CUST42_WEBHOOK_SECRET", "c")
+        .env("KEYGATE_REDIS_PASSWORD", "d")
         .output()
         .unwrap();
     assert!(

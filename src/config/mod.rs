@@ -40,6 +40,23 @@ pub struct File {
     #[serde(default)]
     pub webhooks: Vec<Spanned<Webhook>>,
     pub webhook_relay: Option<WebhookRelay>,
+    #[serde(default)]
+    pub state: State,
+}
+
+/// `[state]`: where shared state lives (embedded redb, or Redis for a fleet).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub backend: Option<Str>,
+    pub url: Option<Str>,
+    pub password_env: Option<Str>,
+    pub password_file: Option<Str>,
+    pub password: Option<Str>,
+    pub key_prefix: Option<Str>,
+    pub timeout: Option<Str>,
+    pub connect_timeout: Option<Str>,
+    pub on_error_limits: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

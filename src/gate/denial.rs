@@ -19,6 +19,9 @@ pub enum Denial {
     Forbidden,
     /// The account's tier quota is used up; the decision's `rate` says until when.
     RateLimited,
+    /// The shared limiter (Redis) could not be asked in time, under
+    /// `on_error_limits = "closed"`.
+    StateUnavailable,
 }
 
 impl Denial {
@@ -31,6 +34,7 @@ impl Denial {
             | Denial::InvalidApiKey(_) => 401,
             Denial::IpNotAllowed | Denial::InsufficientPermissions(_) | Denial::Forbidden => 403,
             Denial::RateLimited => 429,
+            Denial::StateUnavailable => 503,
         }
     }
 
@@ -45,6 +49,7 @@ impl Denial {
             Denial::InsufficientPermissions(_) => "insufficient_permissions",
             Denial::Forbidden => "forbidden",
             Denial::RateLimited => "rate_limited",
+            Denial::StateUnavailable => "state_unavailable",
         }
     }
 
@@ -64,6 +69,9 @@ impl Denial {
             Denial::Forbidden => "access to this path is forbidden".to_string(),
             Denial::RateLimited => {
                 "the rate limit of this account's tier is exceeded; see Retry-After".to_string()
+            }
+            Denial::StateUnavailable => {
+                "the rate limit cannot be checked right now; try again".to_string()
             }
         }
     }

@@ -178,6 +178,12 @@ impl Decision {
         self.verdict.is_ok() && self.pending.is_none()
     }
 
+    /// The limiter could not be asked: refuse (503 `state_unavailable`).
+    pub fn unavailable(&mut self) {
+        self.pending = None;
+        self.verdict = Err(Denial::StateUnavailable);
+    }
+
     /// Apply the limiter's answer to the pending [`QuotaNeed`].
     pub fn settle(&mut self, outcome: Outcome) {
         if let Some(need) = self.pending.take() {

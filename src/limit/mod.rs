@@ -50,7 +50,13 @@ impl Quota {
         }
     }
 
-    fn tolerance_us(&self) -> u64 {
+    /// `period / limit` in µs: one request's share of the period.
+    pub fn interval_us(&self) -> u64 {
+        self.interval_us
+    }
+
+    /// How far ahead of now the TAT may run: `burst` intervals.
+    pub fn tolerance_us(&self) -> u64 {
         self.interval_us * u64::from(self.burst.get())
     }
 }

@@ -15,8 +15,9 @@ use super::router::{RouteError, RouteSpec, Router};
 use crate::limit::{AccountId, Quota};
 
 use super::{
-    Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Mac, Permissions,
-    Policy, Rate, Route, Server, Tier, TierIdx, Underscores, Upstream, User, UserIdx,
+    Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Mac, OnError,
+    Permissions, Policy, Rate, RedisSettings, Route, Server, StateBackend, Tier, TierIdx,
+    Underscores, Upstream, User, UserIdx,
 };
 use crate::config::{self, ConfigError, Diagnostics, EnvAndFiles, SecretSource, Severity, Str};
 
@@ -102,6 +103,7 @@ impl Cx<'_> {
         let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
         let webhooks = self.webhooks(&f.webhooks);
         let relay = f.webhook_relay.as_ref().map(|r| self.relay(r));
+        let state = self.state(&f.state);
 
         let jwks = jwt_keys.as_ref().map(jwks_document).unwrap_or_default();
         // Only needed when some user can log in; then shaped like their hashes.
@@ -113,6 +115,7 @@ impl Cx<'_> {
         Some(Policy {
             verified_tokens: super::TokenCache::new(super::TokenCache::CAPACITY),
             relay: relay.flatten(),
+            state: state?,
             webhooks,
             dummy_password_hash,
             jwks,
@@ -182,6 +185,134 @@ impl Cx<'_> {
                 }
             },
         })
+    }
+
+    fn state(&mut self, s: &config::State) -> Option<StateBackend> {
+        let redis = match s.backend.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+            None | Some(("embedded", _)) => false,
+            Some(("redis", _)) => true,
+            Some((other, span)) => {
+                self.d.error(
+                    span,
+                    format!("unknown state backend {other:?} (expected embedded or redis)"),
+                );
+                return None;
+            }
+        };
+        if !redis {
+            let redis_only = [&s.url, &s.password_env, &s.password_file, &s.password]
+                .into_iter()
+                .chain([
+                    &s.key_prefix,
+                    &s.timeout,
+                    &s.connect_timeout,
+                    &s.on_error_limits,
+                ])
+                .flatten()
+                .next();
+            if let Some(field) = redis_only {
+                self.d
+                    .error(field.span(), "this setting is for backend = \"redis\"");
+            }
+            return Some(StateBackend::Embedded);
+        }
+        let Some(url) = &s.url else {
+            self.d.error(
+                s.backend.as_ref().map_or(0..0, |b| b.span()),
+                "backend = \"redis\" needs a url (redis://host:port/db)",
+            );
+            return None;
+        };
+        let text = url.get_ref();
+        let supported = text.starts_with("redis://") || text.starts_with("redis+unix://");
+        if !supported {
+            let why = if text.starts_with("rediss://")
+                || text.starts_with("redis+cluster://")
+                || text.starts_with("redis+sentinel://")
+            {
+                "TLS, Cluster and Sentinel URLs are not supported yet: use redis:// or redis+unix://"
+            } else {
+                "the state url must start with redis:// or redis+unix://"
+            };
+            self.d.error(url.span(), why);
+            return None;
+        }
+        let parsed = redis::IntoConnectionInfo::into_connection_info(text.as_str());
+        match parsed {
+            Ok(info) if info.redis_settings().password().is_some() => {
+                self.d.warn(
+                    url.span(),
+                    "the url holds a password: prefer password_env or password_file",
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.d.error(url.span(), format!("invalid Redis url: {e}"));
+                return None;
+            }
+        }
+        let password = if [&s.password_env, &s.password_file, &s.password]
+            .iter()
+            .any(|p| p.is_some())
+        {
+            let owner = url.span();
+            let bytes = self.secret(
+                owner,
+                &s.password_env,
+                &s.password_file,
+                &s.password,
+                "the Redis password",
+            )?;
+            match String::from_utf8(bytes) {
+                Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_string()),
+                Err(_) => {
+                    self.d.error(url.span(), "the Redis password is not UTF-8");
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let key_prefix: Box<str> = match &s.key_prefix {
+            None => "keygate".into(),
+            Some(p)
+                if !p.get_ref().is_empty() && p.get_ref().bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                p.get_ref().as_str().into()
+            }
+            Some(p) => {
+                self.d.error(
+                    p.span(),
+                    "key_prefix must be printable ASCII without spaces",
+                );
+                "keygate".into()
+            }
+        };
+        let on_error_limits = match s.on_error_limits.as_ref() {
+            None => OnError::Local,
+            Some(o) => {
+                match o.get_ref().as_str() {
+                    "local" => OnError::Local,
+                    "open" => OnError::Open,
+                    "closed" => OnError::Closed,
+                    other => {
+                        self.d.error(
+                        o.span(),
+                        format!("unknown on_error_limits {other:?} (expected local, open or closed)"),
+                    );
+                        OnError::Local
+                    }
+                }
+            }
+        };
+        Some(StateBackend::Redis(RedisSettings {
+            url: text.clone(),
+            password,
+            key_prefix,
+            timeout: self.duration_or(s.timeout.as_ref(), Duration::from_millis(25)),
+            connect_timeout: self.duration_or(s.connect_timeout.as_ref(), Duration::from_secs(1)),
+            on_error_limits,
+        }))
     }
 
     fn upgrades(&mut self, list: Option<&[config::Str]>) -> Vec<Box<str>> {

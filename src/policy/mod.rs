@@ -51,6 +51,8 @@ pub struct Policy {
     pub webhooks: Vec<Webhook>,
     /// The outbound signing relay, when configured.
     pub relay: Option<Relay>,
+    /// Where limiter state lives: this process, or Redis for a fleet.
+    pub state: StateBackend,
     /// JWTs this policy has already verified (see `gate::jwt`). It belongs
     /// to the policy, so a reload starts with an empty one.
     pub verified_tokens: TokenCache,
@@ -214,6 +216,54 @@ pub struct Server {
     /// `Upgrade` protocols forwarded, lower case; never `h2c`.
     pub upgrades: Vec<Box<str>>,
     pub underscore_headers: Underscores,
+}
+
+/// `[state] backend`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StateBackend {
+    /// redb in `server.state_dir`; one instance.
+    Embedded,
+    Redis(RedisSettings),
+}
+
+/// A Redis deployment shared by every sidecar of a fleet.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` or `redis+unix:///path`, without a password.
+    pub url: String,
+    pub password: Option<String>,
+    pub key_prefix: Box<str>,
+    /// The whole of one call, reconnection included.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub on_error_limits: OnError,
+}
+
+impl std::fmt::Debug for StateBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateBackend::Embedded => f.write_str("Embedded"),
+            StateBackend::Redis(r) => f
+                .debug_struct("Redis")
+                .field("url", &r.url)
+                .field("password", &r.password.as_ref().map(|_| "<redacted>"))
+                .field("key_prefix", &r.key_prefix)
+                .field("timeout", &r.timeout)
+                .field("on_error_limits", &r.on_error_limits)
+                .finish(),
+        }
+    }
+}
+
+/// What a rate-limit decision does when Redis cannot be asked in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// This process's own GCRA (each sidecar then limits on its own).
+    Local,
+    /// Let the request through.
+    Open,
+    /// Refuse it: 503 `state_unavailable`.
+    Closed,
 }
 
 /// What happens to a request with `_` in a header name: CGI-style stacks

@@ -97,5 +97,8 @@ fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<&'static str> {
     if old.log.level != new.log.level || old.log.access != new.log.access {
         changed.push("log");
     }
+    if old.state != new.state {
+        changed.push("state");
+    }
     changed
 }

@@ -25,16 +25,20 @@ use tokio::sync::Notify;
 use super::dispatch::{dispatch, Dispatch, Endpoint};
 use super::forward::{self, Plan};
 use super::refusal::{Failure, Refusal};
-use crate::gate::{self, header_text, Decision, Denial, HeaderSource, Principal, RequestFacts};
+use crate::gate::{
+    self, header_text, Decision, Denial, HeaderSource, Principal, QuotaNeed, RequestFacts,
+};
 use crate::http1::body::{encode_chunk, BodyError, Decoder, LAST_CHUNK};
 use crate::http1::encode::{header, header_u64, reason, status_line};
 use crate::http1::parse::{self, BodyKind, HeadView, Header, RequestHead, ResponseHead, WireError};
 use crate::http1::upstream::{self, Conn, Pool};
 use crate::issue::{IssueError, Issuer};
-use crate::limit::Limiter;
+use crate::limit::{Limiter, Outcome};
 use crate::metrics::{method_label, status_class, METRICS};
-use crate::policy::{Policy, PolicyStore, Underscores, Webhook};
+use crate::policy::{OnError, Policy, PolicyStore, Underscores, Webhook};
 use crate::proxy::access_log;
+use crate::state::fleet::{Answer, RedisLimits};
+use redis::aio::ConnectionManager;
 
 /// How long a started request head, or the next piece of a request body,
 /// may take to arrive (nginx's `client_header_timeout` / `client_body_timeout`).
@@ -60,14 +64,20 @@ const READ_CHUNK: usize = 16 * 1024;
 /// What every worker shares.
 pub struct Shared {
     pub store: Arc<PolicyStore>,
+    /// This process's GCRA: the limiter itself with the embedded store, the
+    /// fallback under `on_error_limits = "local"` with Redis.
     pub limiter: Arc<Limiter>,
     pub issuer: Arc<Issuer>,
+    /// The limiter shared by a fleet, with `[state] backend = "redis"`.
+    pub fleet: Option<Arc<RedisLimits>>,
 }
 
 /// One proxy thread's state; its connections share it through an `Rc`.
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub pool: Pool,
+    /// This thread's connection to Redis, in fleet mode.
+    pub redis: Option<ConnectionManager>,
     /// Set at shutdown: finish the request in hand, then close.
     pub draining: Cell<bool>,
     /// Wakes idle connections at shutdown.
@@ -194,6 +204,40 @@ enum Reframe {
     Raw,
     /// Re-encoded as chunks (close-delimited and chunked answers to HTTP/1.1).
     Chunks,
+}
+
+impl Worker {
+    /// The limiter's answer to `need`: this process's GCRA, or the fleet's
+    /// in Redis with `on_error_limits` when Redis cannot answer in time.
+    /// `None`: refuse with 503 (`closed`).
+    async fn quota(&self, need: &QuotaNeed, now_us: u64) -> Option<Outcome> {
+        let local = || self.shared.limiter.check(need.account, &need.quota, now_us);
+        let (Some(fleet), Some(conn)) = (&self.shared.fleet, &self.redis) else {
+            METRICS.limit_decisions.with_label_values(&["local"]).inc();
+            return Some(local());
+        };
+        let mut conn = conn.clone();
+        let (source, outcome) = match fleet.check(&mut conn, need).await {
+            Answer::Redis(o) => ("redis", Some(o)),
+            Answer::DenyCache(o) => ("deny_cache", Some(o)),
+            Answer::Unavailable => match fleet.settings.on_error_limits {
+                OnError::Local => ("fallback_local", Some(local())),
+                OnError::Open => {
+                    let open = Outcome {
+                        allowed: true,
+                        limit: need.quota.limit.get(),
+                        remaining: need.quota.limit.get(),
+                        reset_secs: 0,
+                        retry_after_secs: 0,
+                    };
+                    ("fallback_open", Some(open))
+                }
+                OnError::Closed => ("fallback_closed", None),
+            },
+        };
+        METRICS.limit_decisions.with_label_values(&[source]).inc();
+        outcome
+    }
 }
 
 impl HeaderSource for HeadView<'_> {
@@ -353,17 +397,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             };
             let started = Instant::now();
             let now_us = crate::policy::unix_now_us();
-            let mut decision = gate::assess(&policy, &facts, now_us);
-            // The pure decision leaves the quota to the limiter service.
-            if let Some(need) = decision.pending {
-                let limiter = &worker.shared.limiter;
-                decision.settle(limiter.check(need.account, &need.quota, now_us));
-            }
+            let decision = gate::assess(&policy, &facts, now_us);
             METRICS
                 .gate_duration
                 .observe(started.elapsed().as_secs_f64());
             decision
         };
+        // The pure decision leaves the quota to the limiter service.
+        let mut decision = decision;
+        if let Some(need) = decision.pending {
+            match worker.quota(&need, crate::policy::unix_now_us()).await {
+                Some(outcome) => decision.settle(outcome),
+                None => decision.unavailable(),
+            }
+        }
         let verdict = decision.verdict.clone();
         let principal = decision.principal;
         x.decision = Some(decision);

@@ -29,7 +29,8 @@ pub use reload::{reload_now, Status};
 use crate::issue::Issuer;
 use crate::limit::Limiter;
 use crate::metrics::{record_policy, METRICS};
-use crate::policy::{Policy, PolicyStore};
+use crate::policy::{Policy, PolicyStore, StateBackend};
+use crate::state::fleet::RedisLimits;
 use crate::state::{spawn_flusher, RedbStore, StateStore};
 
 /// A service started beside the proxy (the demo's sample upstream).
@@ -46,6 +47,19 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
     let state = open_state(&server_settings.state_dir, &limiter)?;
+    let fleet = match &policy.state {
+        StateBackend::Embedded => None,
+        StateBackend::Redis(settings) => {
+            let fleet = RedisLimits::new(settings.clone())
+                .map_err(|e| anyhow::anyhow!("{e} ([state] url)"))?;
+            tracing::info!(
+                url = %settings.url,
+                on_error_limits = ?settings.on_error_limits,
+                "rate limits are shared through Redis"
+            );
+            Some(Arc::new(fleet))
+        }
+    };
     let issuer = Arc::new(Issuer {
         store: state,
         limiter: limiter.clone(),
@@ -79,6 +93,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             store: store.clone(),
             limiter,
             issuer,
+            fleet,
         }),
         listener: Some(listener),
         threads: server_settings.threads,

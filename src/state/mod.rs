@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod fleet;
+
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::limit::{AccountId, Limiter, Snapshot};
