@@ -6,6 +6,8 @@
 #   haproxy-jwt     HAProxy 2.6: jwt_verify HS256 + exp check + stick-table rate per sub
 #   keygate-jwt     keygate, HS256 JWT, limited tier (limiter active)
 #   keygate-apikey  keygate, API key, same account
+#   keygate-redis   keygate-jwt with its limits in a local redis-server
+#                   ([state] backend = "redis"): one Redis call per request
 #   pingora-bare    pingora 0.9 proxying with no logic at all
 #                   (examples/bare_pingora.rs): what keygate would cost if
 #                   its proxy path still ran on pingora's ProxyHttp
@@ -30,6 +32,7 @@ need=()
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
 command -v haproxy >/dev/null || need+=(haproxy)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -43,6 +46,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port); BARE=$(port); HYP=$(port)
+KGR=$(port); ADMINR=$(port); RDS=$(port)
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -120,6 +124,25 @@ path = "/v1/vms"
 methods = ["GET"]
 permissions = ["vms:read"]
 TOML
+# The same keygate, its limits in Redis.
+sed -e "s/127.0.0.1:$KG/127.0.0.1:$KGR/" -e "s/127.0.0.1:$ADMIN\"/127.0.0.1:$ADMINR\"/" \
+    "$work/keygate.toml" > "$work/keygate-redis.toml"
+cat >> "$work/keygate-redis.toml" <<TOML
+state_dir = "$work/state-redis"
+[state]
+backend = "redis"
+url = "redis://127.0.0.1:$RDS"
+TOML
+# state_dir belongs to [server]: move the line there.
+python3 - "$work/keygate-redis.toml" <<'PY'
+import sys
+p = sys.argv[1]
+lines = open(p).read().splitlines()
+sd = [l for l in lines if l.startswith("state_dir")][0]
+lines.remove(sd)
+lines.insert(lines.index("[server]") + 1, sd)
+open(p, "w").write("\n".join(lines) + "\n")
+PY
 cat > "$work/haproxy.cfg" <<HAPROXY
 global
   nbthread 1
@@ -151,9 +174,13 @@ frontend fe
 HAPROXY
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
 "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
+redis-server --bind 127.0.0.1 --port "$RDS" --save '' --appendonly no >"$work/redis.log" 2>&1 & pids+=($!)
+sleep 0.3
+"$BIN" run -c "$work/keygate-redis.toml" 2>"$work/keygate-redis.log" & pids+=($!)
 target/release/examples/bare_pingora "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$work/bare.log" & pids+=($!)
 target/release/examples/bare_hyper "127.0.0.1:$HYP" "127.0.0.1:$UP" 2>"$work/hyper.log" & pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMINR/healthz" >/dev/null && break; sleep 0.1; done
 
 JWT=$(python3 - "$KEYGATE_JWT_SECRET" <<'PY'
 import base64, hashlib, hmac, json, sys, time
@@ -181,6 +208,7 @@ smoke 401 "http://127.0.0.1:$HAP/v1/vms" -H "Authorization: Bearer $BAD_JWT"
 smoke 401 "http://127.0.0.1:$KG/v1/vms" -H "Authorization: Bearer $BAD_JWT"
 smoke 401 "http://127.0.0.1:$HAP/v1/vms"
 smoke 200 "http://127.0.0.1:$HYP/v1/vms"
+smoke 200 "http://127.0.0.1:$KGR/v1/vms" -H "Authorization: Bearer $JWT"
 
 # name|url|header
 targets=(
@@ -189,6 +217,7 @@ targets=(
   "haproxy-jwt|http://127.0.0.1:$HAP/v1/vms|Authorization: Bearer $JWT"
   "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
+  "keygate-redis|http://127.0.0.1:$KGR/v1/vms|Authorization: Bearer $JWT"
   "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
   "hyper-bare|http://127.0.0.1:$HYP/v1/vms|"
 )
@@ -209,13 +238,13 @@ done
 
 args=()
 for m in rps p50 p99; do
-  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey pingora-bare hyper-bare; do
+  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey keygate-redis pingora-bare hyper-bare; do
     eval "args+=(\"\${$m[$n]}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "pingora-bare", "hyper-bare"]
+names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-redis", "pingora-bare", "hyper-bare"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
@@ -231,4 +260,28 @@ print("| target | req/s | p50 ms | p99 ms | vs nginx-proxy | vs haproxy-jwt |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for n in names:
     print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {rps[n] / rps['nginx-proxy']:.2f}x | {rps[n] / rps['haproxy-jwt']:.2f}x |")
+PY
+
+# What Redis adds to one request: one connection, interleaved rounds.
+declare -A one
+for r in $(seq "$ROUNDS"); do
+  for t in "keygate-jwt|$KG" "keygate-redis|$KGR"; do
+    IFS='|' read -r name port <<<"$t"
+    out=$(wrk -t1 -c1 -d"$DURATION" --latency -H "Authorization: Bearer $JWT" "http://127.0.0.1:$port/v1/vms")
+    one[$name]+="$(awk '$1=="50%" {print $2}' <<<"$out") "
+  done
+done
+python3 - "${one[keygate-jwt]}" "${one[keygate-redis]}" <<'PY'
+import statistics, sys
+def us(v):
+    for unit, f in (("us", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+emb, red = (statistics.median(us(x) for x in a.split()) for a in sys.argv[1:3])
+print()
+print("one connection (wrk -t1 -c1), median p50:")
+print(f"| keygate-jwt (embedded) | {emb:.0f} µs |")
+print(f"| keygate-redis | {red:.0f} µs |")
+print(f"| added by Redis | {red - emb:.0f} µs |")
 PY
