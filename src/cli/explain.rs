@@ -331,7 +331,7 @@ fn decision(line: &mut impl FnMut(&str, String), policy: &Policy, d: &Decision) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::testing::policy_from;
+    use crate::policy::testing::{policy_from, BILLING_WEBHOOK};
 
     fn ask(policy: &Policy, method: &str, path: &str) -> (String, bool) {
         let req = Request {
@@ -347,13 +347,7 @@ mod tests {
 
     #[test]
     fn webhook_paths_are_explained_as_the_proxy_dispatches_them() {
-        let policy = policy_from(
-            r#"
-[[webhooks]]
-path = "/hooks/billing"
-secret = "0123456789abcdef0123456789abcdef"
-"#,
-        );
+        let policy = policy_from(BILLING_WEBHOOK);
         let (text, allowed) = ask(&policy, "POST", "/hooks/billing");
         assert!(allowed, "{text}");
         assert!(text.contains("webhook /hooks/billing"), "{text}");

@@ -194,6 +194,13 @@ pub fn policy() -> Policy {
     policy_from("")
 }
 
+/// A `[[webhooks]]` entry to append with [`policy_from`].
+pub const BILLING_WEBHOOK: &str = r#"
+[[webhooks]]
+path = "/hooks/billing"
+secret = "0123456789abcdef0123456789abcdef"
+"#;
+
 /// The test policy with `extra` TOML appended.
 pub fn policy_from(extra: &str) -> Policy {
     match compile_str(&(base_toml() + extra)) {

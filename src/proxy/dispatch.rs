@@ -66,17 +66,11 @@ pub fn dispatch<'p>(policy: &'p Policy, path: &str) -> Dispatch<'p> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::testing::policy_from;
+    use crate::policy::testing::{policy_from, BILLING_WEBHOOK};
 
     #[test]
     fn endpoints_then_webhooks_then_the_gate() {
-        let policy = policy_from(
-            r#"
-[[webhooks]]
-path = "/hooks/billing"
-secret = "0123456789abcdef0123456789abcdef"
-"#,
-        );
+        let policy = policy_from(BILLING_WEBHOOK);
         assert!(matches!(
             dispatch(&policy, "/api/v1/auth/token"),
             Dispatch::Endpoint(Endpoint::Token)
