@@ -525,12 +525,24 @@ fn an_upstream_status_line_without_a_reason_is_relayed() {
 }
 
 #[test]
-fn a_flood_of_interim_answers_is_a_502() {
-    let flood: &'static [u8] = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
-        .repeat(100)
-        .leak()
-        .as_bytes();
-    let port = answering_upstream(flood);
+fn an_endless_flood_of_interim_answers_is_a_502() {
+    // An upstream that answers with 103s for as long as anyone listens
+    // (at most 10 s): keygate must give up, not follow it while buffering.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                if read_head(&mut conn).is_none() {
+                    return;
+                }
+                let until = std::time::Instant::now() + Duration::from_secs(10);
+                let early = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n";
+                while std::time::Instant::now() < until && conn.write_all(early).is_ok() {}
+            });
+        }
+    });
     let kg = Keygate::start(&edge_config(""), port);
     let answer = send(&kg, b"GET /public/a HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(statuses(&answer), [502], "{answer}");
