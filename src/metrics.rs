@@ -29,13 +29,39 @@ pub struct Metrics {
     pub state_errors: IntCounterVec,
     pub redis_calls: IntCounterVec,
     pub redis_call_duration: Histogram,
-    pub limit_decisions: IntCounterVec,
+    /// `keygate_limit_decisions_total`, one series per source, resolved
+    /// once: a limited request does no label lookup.
+    pub limit_decisions: LimitDecisions,
     pub state_up: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
     pub config_last_reload_success_timestamp: IntGauge,
     pub policy_objects: IntGaugeVec,
     pub build_info: IntGaugeVec,
+}
+
+/// Where rate-limit decisions came from (see `proxy::exchange`).
+pub struct LimitDecisions {
+    pub local: IntCounter,
+    pub redis: IntCounter,
+    pub deny_cache: IntCounter,
+    pub fallback_local: IntCounter,
+    pub fallback_open: IntCounter,
+    pub fallback_closed: IntCounter,
+}
+
+impl LimitDecisions {
+    fn new(vec: IntCounterVec) -> LimitDecisions {
+        let source = |s: &str| vec.with_label_values(&[s]);
+        LimitDecisions {
+            local: source("local"),
+            redis: source("redis"),
+            deny_cache: source("deny_cache"),
+            fallback_local: source("fallback_local"),
+            fallback_open: source("fallback_open"),
+            fallback_closed: source("fallback_closed"),
+        }
+    }
 }
 
 /// Latency buckets from 100 µs to 10 s: a sidecar's own overhead sits at the
@@ -108,12 +134,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             GATE_BUCKETS.iter().map(|b| b * 100.0).collect::<Vec<_>>()
         )
         .expect("register keygate_redis_call_duration_seconds"),
-        limit_decisions: register_int_counter_vec!(
-            "keygate_limit_decisions_total",
-            "Rate-limit decisions by source: local, redis, deny_cache (a refusal cached until its retry time), fallback_local, fallback_open, fallback_closed.",
-            &["source"]
-        )
-        .expect("register keygate_limit_decisions_total"),
+        limit_decisions: LimitDecisions::new(
+            register_int_counter_vec!(
+                "keygate_limit_decisions_total",
+                "Rate-limit decisions by source: local, redis, deny_cache (a refusal cached until its retry time), fallback_local, fallback_open, fallback_closed.",
+                &["source"]
+            )
+            .expect("register keygate_limit_decisions_total"),
+        ),
         state_up: register_int_gauge!(
             "keygate_state_up",
             "1 while the state store answers (always 1 for the embedded store), 0 while Redis does not."

@@ -189,3 +189,26 @@ fn check_rejects_bad_state_settings_at_their_line_and_column() {
         );
     }
 }
+
+#[test]
+fn a_password_in_the_state_url_never_reaches_the_logs() {
+    // This Redis has no password, so every call fails with an AUTH error
+    // that keygate logs: the password must be in none of its lines.
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = format!("redis://:pw-must-not-leak@127.0.0.1:{}", redis.port);
+    let cfg = format!(
+        "{}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\non_error_limits = \"open\"\n",
+        config()
+    );
+    let kg = Keygate::start(&cfg, upstream.port);
+    assert_eq!(get(&kg).0, 200, "on_error_limits = open");
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = kg.stderr() + &kg.stdout();
+    assert!(
+        logs.contains("rate limits are shared through Redis"),
+        "{logs}"
+    );
+    assert!(logs.contains("Redis call failed"), "{logs}");
+    assert!(!logs.contains("pw-must-not-leak"), "{logs}");
+}

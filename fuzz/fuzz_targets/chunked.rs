@@ -9,6 +9,10 @@ use keygate::http1::body::{chunk_head, encode_chunk, Decoder, LAST_CHUNK};
 use keygate::http1::parse::BodyKind;
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::show;
+
 fuzz_target!(|data: &[u8]| {
     differential(data);
     round_trip(data);
@@ -34,16 +38,6 @@ fn differential(data: &[u8]) {
     );
 }
 
-/// At most 300 bytes of `bytes`, for assertion messages.
-fn show(bytes: &[u8]) -> String {
-    let cut = &bytes[..bytes.len().min(300)];
-    let more = if cut.len() < bytes.len() {
-        format!("... ({} bytes)", bytes.len())
-    } else {
-        String::new()
-    };
-    format!("{:?}{more}", String::from_utf8_lossy(cut))
-}
 
 /// Feed `input` to a chunked decoder in reads ending at each of `splits`
 /// and then at the end: each read gets the bytes after those consumed so far,

@@ -8,6 +8,10 @@
 use keygate::http1::parse::{parse_request, parse_response, BodyKind, Header, RequestHead};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::show;
+
 fuzz_target!(|data: &[u8]| {
     check_request(data);
     check_response(data);
@@ -101,16 +105,6 @@ fn check_response(data: &[u8]) {
     );
 }
 
-/// At most 300 bytes of `bytes`, for assertion messages.
-fn show(bytes: &[u8]) -> String {
-    let cut = &bytes[..bytes.len().min(300)];
-    let more = if cut.len() < bytes.len() {
-        format!("... ({} bytes)", bytes.len())
-    } else {
-        String::new()
-    };
-    format!("{:?}{more}", String::from_utf8_lossy(cut))
-}
 
 /// No `\n` without a `\r` before it, no `\r` without a `\n` after it.
 fn crlf_only(bytes: &[u8]) -> bool {

@@ -246,8 +246,12 @@ impl Cx<'_> {
                 );
             }
             Ok(_) => {}
-            Err(e) => {
-                self.d.error(url.span(), format!("invalid Redis url: {e}"));
+            Err(_) => {
+                // The parser's message may quote the url, password and all.
+                self.d.error(
+                    url.span(),
+                    "invalid Redis url (expected redis://[user[:password]@]host[:port][/db])",
+                );
                 return None;
             }
         }
@@ -306,6 +310,7 @@ impl Cx<'_> {
             }
         };
         Some(StateBackend::Redis(RedisSettings {
+            display_url: super::redact_url(text),
             url: text.clone(),
             password,
             key_prefix,

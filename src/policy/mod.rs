@@ -229,6 +229,8 @@ pub enum StateBackend {
 /// A Redis deployment shared by every sidecar of a fleet.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
+    /// `url` with any password in it replaced by `***`: for logs and Debug.
+    pub display_url: String,
     /// `redis://host:port/db` or `redis+unix:///path`, without a password.
     pub url: String,
     pub password: Option<String>,
@@ -245,13 +247,54 @@ impl std::fmt::Debug for StateBackend {
             StateBackend::Embedded => f.write_str("Embedded"),
             StateBackend::Redis(r) => f
                 .debug_struct("Redis")
-                .field("url", &r.url)
+                .field("url", &r.display_url)
                 .field("password", &r.password.as_ref().map(|_| "<redacted>"))
                 .field("key_prefix", &r.key_prefix)
                 .field("timeout", &r.timeout)
                 .field("on_error_limits", &r.on_error_limits)
                 .finish(),
         }
+    }
+}
+
+/// `url` without the password it may hold (`redis://user:secret@host`
+/// becomes `redis://user:***@host`), so that it can be logged.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    let shown = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        "***".to_string()
+    };
+    format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_in_urls_are_never_shown() {
+        assert_eq!(
+            redact_url("redis://u:s3cret@h:6379/0"),
+            "redis://u:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://:s3cret@h"), "redis://:***@h");
+        assert_eq!(redact_url("redis://s3cret@h"), "redis://***@h");
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(
+            redact_url("redis+unix:///run/r.sock"),
+            "redis+unix:///run/r.sock"
+        );
     }
 }
 

@@ -213,15 +213,16 @@ impl Worker {
     async fn quota(&self, need: &QuotaNeed, now_us: u64) -> Option<Outcome> {
         let local = || self.shared.limiter.check(need.account, &need.quota, now_us);
         let (Some(fleet), Some(conn)) = (&self.shared.fleet, &self.redis) else {
-            METRICS.limit_decisions.with_label_values(&["local"]).inc();
+            METRICS.limit_decisions.local.inc();
             return Some(local());
         };
         let mut conn = conn.clone();
+        let counted = &METRICS.limit_decisions;
         let (source, outcome) = match fleet.check(&mut conn, need).await {
-            Answer::Redis(o) => ("redis", Some(o)),
-            Answer::DenyCache(o) => ("deny_cache", Some(o)),
+            Answer::Redis(o) => (&counted.redis, Some(o)),
+            Answer::DenyCache(o) => (&counted.deny_cache, Some(o)),
             Answer::Unavailable => match fleet.settings.on_error_limits {
-                OnError::Local => ("fallback_local", Some(local())),
+                OnError::Local => (&counted.fallback_local, Some(local())),
                 OnError::Open => {
                     let open = Outcome {
                         allowed: true,
@@ -230,12 +231,12 @@ impl Worker {
                         reset_secs: 0,
                         retry_after_secs: 0,
                     };
-                    ("fallback_open", Some(open))
+                    (&counted.fallback_open, Some(open))
                 }
-                OnError::Closed => ("fallback_closed", None),
+                OnError::Closed => (&counted.fallback_closed, None),
             },
         };
-        METRICS.limit_decisions.with_label_values(&[source]).inc();
+        source.inc();
         outcome
     }
 }

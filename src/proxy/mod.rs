@@ -53,7 +53,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             let fleet = RedisLimits::new(settings.clone())
                 .map_err(|e| anyhow::anyhow!("{e} ([state] url)"))?;
             tracing::info!(
-                url = %settings.url,
+                url = %settings.display_url,
                 on_error_limits = ?settings.on_error_limits,
                 "rate limits are shared through Redis"
             );

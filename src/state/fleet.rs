@@ -88,7 +88,7 @@ pub enum Answer {
 impl RedisLimits {
     pub fn new(settings: RedisSettings) -> Result<RedisLimits, String> {
         let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
-            .map_err(|e| format!("invalid Redis url: {e}"))?;
+            .map_err(|_| format!("invalid Redis url {}", settings.display_url))?;
         if let Some(password) = &settings.password {
             let redis = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(redis);
