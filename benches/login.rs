@@ -43,7 +43,7 @@ password_hash = "{phc}"
     let dir = tempfile::tempdir().unwrap();
     let issuer = Issuer {
         store: Arc::new(RedbStore::open(dir.path()).unwrap()),
-        limiter: Arc::new(Limiter::new()),
+        throttles: Arc::new(Limiter::new()),
     };
     let ip = "192.0.2.1".parse().unwrap();
     let attempt = |email: &str| {

@@ -7,16 +7,102 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use support::redis::RedisServer;
 use support::*;
 
 /// The usual test policy, its limits kept in Redis.
 fn fleet_config(redis: &RedisServer, state: &str) -> String {
+    with_state(&config(), &redis.url(), state)
+}
+
+fn with_state(policy: &str, url: &str, state: &str) -> String {
     format!(
-        "{}\n[state]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"kg-test\"\n{state}\n",
-        config(),
-        redis.url()
+        "{policy}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"kg-test\"\n{state}\n"
     )
+}
+
+fn post(kg: &Keygate, path: &str, body: &Value) -> (u16, Value) {
+    let r = client().post(kg.url(path)).json(body).send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn login(kg: &Keygate) -> String {
+    let body = json!({"email": "alice@example.com", "password": PASSWORD});
+    let (status, t) = post(kg, "/api/v1/auth/token", &body);
+    assert_eq!(status, 200, "{t}");
+    t["refresh_token"].as_str().unwrap().to_string()
+}
+
+/// The status, and the error code or the new refresh token.
+fn refresh(kg: &Keygate, token: &str) -> (u16, String) {
+    let (status, body) = post(kg, "/api/v1/auth/refresh", &json!({"refresh_token": token}));
+    let said = if status == 200 {
+        body["refresh_token"].as_str().unwrap_or("").to_string()
+    } else {
+        body["error"]["code"].as_str().unwrap_or("").to_string()
+    };
+    (status, said)
+}
+
+#[test]
+fn refresh_tokens_rotate_on_any_sidecar_and_reuse_revokes_everywhere() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let cfg = with_state(&config_with_passwords(), &redis.url(), "timeout = \"1s\"");
+    let (a, b, c) = (
+        Keygate::start(&cfg, upstream.port),
+        Keygate::start(&cfg, upstream.port),
+        Keygate::start(&cfg, upstream.port),
+    );
+
+    // Issued on A, rotated on B.
+    let r1 = login(&a);
+    let (status, r2) = refresh(&b, &r1);
+    assert_eq!(status, 200, "{r2}");
+    // The spent token on C: reuse, and the family is revoked on all three.
+    assert_eq!(refresh(&c, &r1), (401, "invalid_refresh_token".into()));
+    for kg in [&a, &b, &c] {
+        assert_eq!(refresh(kg, &r2), (401, "invalid_refresh_token".into()));
+    }
+    assert!(c.metric("keygate_refresh_reuse_detected_total") >= 1.0);
+
+    // Revoked on A, seen by B.
+    let r3 = login(&a);
+    let (status, _) = post(&a, "/api/v1/auth/revoke", &json!({"refresh_token": r3}));
+    assert_eq!(status, 200);
+    assert_eq!(refresh(&b, &r3), (401, "invalid_refresh_token".into()));
+
+    // Two sidecars racing on one token: exactly one wins, and the loser's
+    // replay revokes the family, the winner's new token included.
+    for _ in 0..5 {
+        let r = login(&a);
+        let (ta, tb) = (r.clone(), r.clone());
+        let (pa, pb) = (a.port, b.port);
+        let race = |port: u16, token: String| {
+            std::thread::spawn(move || {
+                let kg = format!("http://127.0.0.1:{port}/api/v1/auth/refresh");
+                let resp = client()
+                    .post(kg)
+                    .json(&json!({"refresh_token": token}))
+                    .send()
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().unwrap();
+                (
+                    status,
+                    body["refresh_token"].as_str().unwrap_or("").to_string(),
+                )
+            })
+        };
+        let (x, y) = (race(pa, ta), race(pb, tb));
+        let results = [x.join().unwrap(), y.join().unwrap()];
+        let winners: Vec<_> = results.iter().filter(|(s, _)| *s == 200).collect();
+        assert_eq!(winners.len(), 1, "{results:?}");
+        assert!(results.iter().any(|(s, _)| *s == 401), "{results:?}");
+        assert_eq!(refresh(&c, &winners[0].1).0, 401, "the family is revoked");
+    }
 }
 
 /// GET /v1/vms with dana's key (free tier: 100 an hour) at each port in turn.
@@ -98,14 +184,20 @@ fn get(kg: &Keygate) -> (u16, String, Duration) {
 fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() {
     let mut redis = RedisServer::start();
     let upstream = Upstream::start();
+    let policy = config_with_passwords();
     let with = |choice: &str| {
         let state = format!("timeout = \"100ms\"\non_error_limits = \"{choice}\"");
-        Keygate::start(&fleet_config(&redis, &state), upstream.port)
+        Keygate::start(&with_state(&policy, &redis.url(), &state), upstream.port)
     };
     let (closed, open, local) = (with("closed"), with("open"), with("local"));
     for kg in [&closed, &open, &local] {
         assert_eq!(get(kg).0, 200);
+        assert_eq!(
+            client().get(kg.admin("/readyz")).send().unwrap().status(),
+            200
+        );
     }
+    let refresh_token = login(&closed);
 
     // Frozen: no answer at all. Nothing waits much longer than the timeout.
     redis.freeze();
@@ -121,6 +213,28 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
         assert_eq!(status, 200);
         assert!(took < Duration::from_secs(1), "waited {took:?}");
     }
+    // Refresh, revoke and login fail closed, within the timeout.
+    let started = Instant::now();
+    let (status, code) = refresh(&open, &refresh_token);
+    assert_eq!((status, code.as_str()), (503, "state_unavailable"));
+    let (status, body) = post(
+        &local,
+        "/api/v1/auth/revoke",
+        &json!({"refresh_token": refresh_token}),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    // /readyz: degraded but serving, unless on_error_limits = closed.
+    let ready = |kg: &Keygate| client().get(kg.admin("/readyz")).send().unwrap();
+    assert_eq!(ready(&local).status(), 200);
+    let degraded: Value = ready(&open).json().unwrap();
+    assert_eq!(degraded["status"], "degraded", "{degraded}");
+    assert_eq!(degraded["state"]["up"], false, "{degraded}");
+    assert_eq!(ready(&closed).status(), 503);
     assert!(closed.metric("keygate_limit_decisions_total{source=\"fallback_closed\"}") >= 3.0);
     assert!(local.metric("keygate_limit_decisions_total{source=\"fallback_local\"}") >= 3.0);
     assert_eq!(closed.metric("keygate_state_up"), 0.0);
@@ -133,6 +247,7 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(closed.metric("keygate_state_up"), 1.0);
+    assert_eq!(refresh(&local, &refresh_token).0, 200, "the token survived");
 
     // Killed: refused connections, the same choices, answered at once.
     redis.kill();
@@ -149,12 +264,17 @@ fn check_rejects_bad_state_settings_at_their_line_and_column() {
         (
             "backend = \"redis\"\nurl = \"http://127.0.0.1:6379\"",
             "\"http://127.0.0.1:6379\"",
-            "must start with redis://",
+            "invalid Redis url",
         ),
         (
-            "backend = \"redis\"\nurl = \"redis+sentinel://a,b/mymaster\"",
-            "\"redis+sentinel://a,b/mymaster\"",
-            "not supported yet",
+            "backend = \"redis\"\nurl = \"redis+sentinel://a:26379,b:26379\"",
+            "\"redis+sentinel://a:26379,b:26379\"",
+            "names the master",
+        ),
+        (
+            "backend = \"redis\"\nurl = \"redis://127.0.0.1\"\ntls_ca_file = \"ca.pem\"",
+            "\"ca.pem\"",
+            "tls_ca_file is for a TLS url",
         ),
         (
             "backend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\non_error_limits = \"maybe\"",
@@ -205,10 +325,7 @@ fn a_password_in_the_state_url_never_reaches_the_logs() {
     assert_eq!(get(&kg).0, 200, "on_error_limits = open");
     std::thread::sleep(Duration::from_millis(200));
     let logs = kg.stderr() + &kg.stdout();
-    assert!(
-        logs.contains("rate limits are shared through Redis"),
-        "{logs}"
-    );
+    assert!(logs.contains("shared through Redis"), "{logs}");
     assert!(logs.contains("Redis call failed"), "{logs}");
     assert!(!logs.contains("pw-must-not-leak"), "{logs}");
 }

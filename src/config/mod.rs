@@ -57,6 +57,7 @@ pub struct State {
     pub timeout: Option<Str>,
     pub connect_timeout: Option<Str>,
     pub on_error_limits: Option<Str>,
+    pub tls_ca_file: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

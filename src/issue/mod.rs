@@ -17,10 +17,10 @@ use sha2::{Digest, Sha256};
 pub use access::sign_access_token;
 pub use password::{dummy_hash_like, verify_password};
 
-use crate::limit::Limiter;
 use crate::metrics::METRICS;
 use crate::policy::{account_id, Policy, UserIdx};
-use crate::state::{RefreshRecord, Rotation, StateStore, TokenHash};
+use crate::state::families::Throttles;
+use crate::state::{RefreshRecord, Rotation, StateError, StateStore, TokenHash};
 
 /// Request bodies of the auth endpoints are refused above this size.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -35,8 +35,13 @@ pub enum IssueError {
     PayloadTooLarge,
     InvalidCredentials,
     IpNotAllowed,
-    LoginThrottled { retry_after_secs: u64 },
+    LoginThrottled {
+        retry_after_secs: u64,
+    },
     InvalidRefreshToken(&'static str),
+    /// The shared store (Redis) cannot be reached: never a spent token
+    /// accepted, never a 500.
+    StateUnavailable,
     Internal,
 }
 
@@ -48,6 +53,7 @@ impl IssueError {
             IssueError::InvalidCredentials | IssueError::InvalidRefreshToken(_) => 401,
             IssueError::IpNotAllowed => 403,
             IssueError::LoginThrottled { .. } => 429,
+            IssueError::StateUnavailable => 503,
             IssueError::Internal => 500,
         }
     }
@@ -60,6 +66,7 @@ impl IssueError {
             IssueError::IpNotAllowed => "ip_not_allowed",
             IssueError::LoginThrottled { .. } => "login_throttled",
             IssueError::InvalidRefreshToken(_) => "invalid_refresh_token",
+            IssueError::StateUnavailable => "state_unavailable",
             IssueError::Internal => "internal_error",
         }
     }
@@ -76,6 +83,9 @@ impl IssueError {
                 "too many failed logins; see Retry-After".to_string()
             }
             IssueError::InvalidRefreshToken(why) => format!("the refresh token is invalid: {why}"),
+            IssueError::StateUnavailable => {
+                "the token store cannot be reached right now; try again".to_string()
+            }
             IssueError::Internal => "keygate could not complete the request".to_string(),
         }
     }
@@ -95,6 +105,7 @@ impl IssueError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             IssueError::LoginThrottled { retry_after_secs } => Some(*retry_after_secs),
+            IssueError::StateUnavailable => Some(1),
             _ => None,
         }
     }
@@ -123,7 +134,22 @@ struct RefreshBody {
 
 pub struct Issuer {
     pub store: Arc<dyn StateStore>,
-    pub limiter: Arc<Limiter>,
+    /// Login throttles: this process's limiter, or the fleet's.
+    pub throttles: Arc<dyn Throttles>,
+}
+
+/// Log a store failure and name it for the client.
+fn store_failed(what: &str, e: StateError) -> IssueError {
+    match e {
+        StateError::Unavailable(why) => {
+            tracing::warn!(error = %why, "{what}: the shared store is unavailable");
+            IssueError::StateUnavailable
+        }
+        e => {
+            tracing::error!(error = %e, "{what}");
+            IssueError::Internal
+        }
+    }
 }
 
 impl Issuer {
@@ -149,9 +175,14 @@ impl Issuer {
         let by_ip = account_id("login-ip", &client_ip.to_string());
         let by_email = account_id("login-email", &email);
         let auth = &policy.auth;
+        let peek = |account, quota| {
+            self.throttles
+                .peek(account, quota, now_us)
+                .map_err(|e| store_failed("could not read a login throttle", e))
+        };
         let throttled = [
-            self.limiter.peek(by_ip, &auth.login_per_ip, now_us),
-            self.limiter.peek(by_email, &auth.login_per_email, now_us),
+            peek(by_ip, &auth.login_per_ip)?,
+            peek(by_email, &auth.login_per_email)?,
         ];
         if let Some(wait) = throttled
             .iter()
@@ -172,9 +203,15 @@ impl Issuer {
         let password_ok = verify_password(hash, &body.password);
         let user = user.filter(|(_, u)| password_ok && !u.disabled && u.password_hash.is_some());
         let Some((idx, user)) = user else {
-            self.limiter.check(by_ip, &auth.login_per_ip, now_us);
-            self.limiter.check(by_email, &auth.login_per_email, now_us);
             METRICS.login_failures.inc();
+            for (account, quota) in [
+                (by_ip, &auth.login_per_ip),
+                (by_email, &auth.login_per_email),
+            ] {
+                self.throttles
+                    .hit(account, quota, now_us)
+                    .map_err(|e| store_failed("could not count a failed login", e))?;
+            }
             return Err(IssueError::InvalidCredentials);
         };
         if !user.ip_allow.permits(client_ip) {
@@ -182,10 +219,9 @@ impl Issuer {
         }
         let now = now_us / 1_000_000;
         let (refresh, hash, record) = new_refresh(policy, idx, rand::random(), now);
-        self.store.insert_refresh(&hash, &record).map_err(|e| {
-            tracing::error!(error = %e, "could not store a refresh token");
-            IssueError::Internal
-        })?;
+        self.store
+            .insert_refresh(&hash, &record)
+            .map_err(|e| store_failed("could not store a refresh token", e))?;
         METRICS.tokens_issued.with_label_values(&["password"]).inc();
         respond(policy, idx, now, refresh)
     }
@@ -234,10 +270,7 @@ impl Issuer {
                 issued = Some((idx, refresh));
                 Some((hash, record))
             })
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not rotate a refresh token");
-                IssueError::Internal
-            })?;
+            .map_err(|e| store_failed("could not rotate a refresh token", e))?;
         match rotation {
             Rotation::Rotated(_) => {
                 let (idx, refresh) = issued.ok_or(IssueError::Internal)?;
@@ -271,10 +304,9 @@ impl Issuer {
             return Ok(());
         };
         let until = now_us / 1_000_000 + policy.auth.refresh_ttl.as_secs();
-        self.store.revoke_refresh(&hash, until).map_err(|e| {
-            tracing::error!(error = %e, "could not revoke a refresh token");
-            IssueError::Internal
-        })?;
+        self.store
+            .revoke_refresh(&hash, until)
+            .map_err(|e| store_failed("could not revoke a refresh token", e))?;
         Ok(())
     }
 }

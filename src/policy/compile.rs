@@ -13,6 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 
 use super::router::{RouteError, RouteSpec, Router};
 use crate::limit::{AccountId, Quota};
+use crate::state::topology::Topology;
 
 use super::{
     Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Mac, OnError,
@@ -207,6 +208,7 @@ impl Cx<'_> {
                     &s.timeout,
                     &s.connect_timeout,
                     &s.on_error_limits,
+                    &s.tls_ca_file,
                 ])
                 .flatten()
                 .next();
@@ -224,34 +226,19 @@ impl Cx<'_> {
             return None;
         };
         let text = url.get_ref();
-        let supported = text.starts_with("redis://") || text.starts_with("redis+unix://");
-        if !supported {
-            let why = if text.starts_with("rediss://")
-                || text.starts_with("redis+cluster://")
-                || text.starts_with("redis+sentinel://")
-            {
-                "TLS, Cluster and Sentinel URLs are not supported yet: use redis:// or redis+unix://"
-            } else {
-                "the state url must start with redis:// or redis+unix://"
-            };
-            self.d.error(url.span(), why);
-            return None;
-        }
-        let parsed = redis::IntoConnectionInfo::into_connection_info(text.as_str());
-        match parsed {
-            Ok(info) if info.redis_settings().password().is_some() => {
+        // Parsed once here without the password for the warning, and again
+        // below with it.
+        match Topology::parse(text, None) {
+            Ok(t) if t.holds_password() => {
                 self.d.warn(
                     url.span(),
                     "the url holds a password: prefer password_env or password_file",
                 );
             }
             Ok(_) => {}
-            Err(_) => {
-                // The parser's message may quote the url, password and all.
-                self.d.error(
-                    url.span(),
-                    "invalid Redis url (expected redis://[user[:password]@]host[:port][/db])",
-                );
+            Err(why) => {
+                self.d
+                    .error(url.span(), format!("invalid Redis url: {why}"));
                 return None;
             }
         }
@@ -309,15 +296,45 @@ impl Cx<'_> {
                 }
             }
         };
-        Some(StateBackend::Redis(RedisSettings {
+        let topology = match Topology::parse(text, password.as_deref()) {
+            Ok(t) => t,
+            Err(why) => {
+                self.d
+                    .error(url.span(), format!("invalid Redis url: {why}"));
+                return None;
+            }
+        };
+        let tls_ca = match &s.tls_ca_file {
+            None => None,
+            Some(_) if !topology.uses_tls() => {
+                let span = s.tls_ca_file.as_ref().map_or(0..0, |f| f.span());
+                self.d.error(
+                    span,
+                    "tls_ca_file is for a TLS url (rediss://, rediss+cluster://, rediss+sentinel://)",
+                );
+                None
+            }
+            Some(f) => match self.read_file(f) {
+                Some(pem) if pem.windows(11).any(|w| w == b"-----BEGIN ") => Some(pem),
+                Some(_) => {
+                    self.d
+                        .error(f.span(), "tls_ca_file holds no PEM certificate");
+                    None
+                }
+                None => None,
+            },
+        };
+        Some(StateBackend::Redis(Box::new(RedisSettings {
             display_url: super::redact_url(text),
             url: text.clone(),
             password,
+            topology,
+            tls_ca,
             key_prefix,
             timeout: self.duration_or(s.timeout.as_ref(), Duration::from_millis(25)),
             connect_timeout: self.duration_or(s.connect_timeout.as_ref(), Duration::from_secs(1)),
             on_error_limits,
-        }))
+        })))
     }
 
     fn upgrades(&mut self, list: Option<&[config::Str]>) -> Vec<Box<str>> {

@@ -223,23 +223,40 @@ pub struct Server {
 pub enum StateBackend {
     /// redb in `server.state_dir`; one instance.
     Embedded,
-    Redis(RedisSettings),
+    Redis(Box<RedisSettings>),
 }
 
 /// A Redis deployment shared by every sidecar of a fleet.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct RedisSettings {
     /// `url` with any password in it replaced by `***`: for logs and Debug.
     pub display_url: String,
-    /// `redis://host:port/db` or `redis+unix:///path`, without a password.
+    /// As written (see [`crate::state::topology`] for the forms).
     pub url: String,
     pub password: Option<String>,
+    /// `url` and `password`, parsed.
+    pub topology: crate::state::topology::Topology,
+    /// `tls_ca_file`: the CA that signs the servers' certificates (PEM),
+    /// instead of the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
     pub key_prefix: Box<str>,
     /// The whole of one call, reconnection included.
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub on_error_limits: OnError,
 }
+
+impl PartialEq for RedisSettings {
+    /// `topology` is derived from `url` and `password`.
+    fn eq(&self, o: &Self) -> bool {
+        (&self.url, &self.password, &self.tls_ca, &self.key_prefix)
+            == (&o.url, &o.password, &o.tls_ca, &o.key_prefix)
+            && (self.timeout, self.connect_timeout, self.on_error_limits)
+                == (o.timeout, o.connect_timeout, o.on_error_limits)
+    }
+}
+
+impl Eq for RedisSettings {}
 
 impl std::fmt::Debug for StateBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

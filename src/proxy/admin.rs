@@ -11,11 +11,44 @@ use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
 
 use super::reload::{reload_now, Status};
-use crate::policy::PolicyStore;
+use crate::metrics::METRICS;
+use crate::policy::{OnError, PolicyStore, StateBackend};
+use crate::state::families::RedisStore;
 
 pub struct Admin {
     pub store: Arc<PolicyStore>,
     pub status: Arc<Status>,
+    /// The fleet's Redis, asked with a `PING` at every `/readyz`.
+    pub state: Option<Arc<RedisStore>>,
+}
+
+impl Admin {
+    /// The store's part of `/readyz`, and whether it makes keygate unready:
+    /// only when limited requests would all be refused anyway
+    /// (`on_error_limits = "closed"`); with `local` or `open` the sidecar
+    /// still serves, and pulling every replica out of a load balancer at
+    /// once because Redis blinked would turn a degraded fleet into an outage.
+    async fn state_readiness(&self) -> (serde_json::Value, bool) {
+        let policy = self.store.load();
+        let Some(redis) = &self.state else {
+            return (serde_json::json!({"backend": "embedded", "up": true}), true);
+        };
+        let redis = redis.clone();
+        let up = tokio::task::spawn_blocking(move || redis.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        METRICS.state_up.set(i64::from(up));
+        let closed = match &policy.state {
+            StateBackend::Redis(s) => s.on_error_limits == OnError::Closed,
+            StateBackend::Embedded => false,
+        };
+        let detail = serde_json::json!({
+            "backend": "redis",
+            "up": up,
+            "refresh_tokens": if up { "available" } else { "503 state_unavailable" },
+        });
+        (detail, up || !closed)
+    }
 }
 
 #[async_trait]
@@ -31,10 +64,17 @@ impl ServeHttp for Admin {
                 let policy = self.store.load();
                 let counts = policy.counts();
                 let last = self.status.snapshot();
+                let (state, ready) = self.state_readiness().await;
+                let (code, word) = match (ready, state["up"].as_bool()) {
+                    (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unready"),
+                    (true, Some(false)) => (StatusCode::OK, "degraded"),
+                    _ => (StatusCode::OK, "ready"),
+                };
                 json(
-                    StatusCode::OK,
+                    code,
                     serde_json::json!({
-                        "status": "ready",
+                        "status": word,
+                        "state": state,
                         "config": self.store.path().display().to_string(),
                         "policy": {
                             "users": counts.users,

@@ -38,7 +38,7 @@ use crate::metrics::{method_label, status_class, METRICS};
 use crate::policy::{OnError, Policy, PolicyStore, Underscores, Webhook};
 use crate::proxy::access_log;
 use crate::state::fleet::{Answer, RedisLimits};
-use redis::aio::ConnectionManager;
+use crate::state::topology::AsyncConn;
 
 /// How long a started request head, or the next piece of a request body,
 /// may take to arrive (nginx's `client_header_timeout` / `client_body_timeout`).
@@ -76,8 +76,8 @@ pub struct Shared {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub pool: Pool,
-    /// This thread's connection to Redis, in fleet mode.
-    pub redis: Option<ConnectionManager>,
+    /// This thread's connection to Redis, in fleet mode; set up on first use.
+    pub redis: std::cell::RefCell<Option<AsyncConn>>,
     /// Set at shutdown: finish the request in hand, then close.
     pub draining: Cell<bool>,
     /// Wakes idle connections at shutdown.
@@ -212,13 +212,18 @@ impl Worker {
     /// `None`: refuse with 503 (`closed`).
     async fn quota(&self, need: &QuotaNeed, now_us: u64) -> Option<Outcome> {
         let local = || self.shared.limiter.check(need.account, &need.quota, now_us);
-        let (Some(fleet), Some(conn)) = (&self.shared.fleet, &self.redis) else {
+        let Some(fleet) = &self.shared.fleet else {
             METRICS.limit_decisions.local.inc();
             return Some(local());
         };
-        let mut conn = conn.clone();
+        let mut conn = self.redis.borrow().clone();
+        let had = conn.is_some();
+        let answer = fleet.check(&mut conn, need).await;
+        if !had && conn.is_some() {
+            *self.redis.borrow_mut() = conn;
+        }
         let counted = &METRICS.limit_decisions;
-        let (source, outcome) = match fleet.check(&mut conn, need).await {
+        let (source, outcome) = match answer {
             Answer::Redis(o) => (&counted.redis, Some(o)),
             Answer::DenyCache(o) => (&counted.deny_cache, Some(o)),
             Answer::Unavailable => match fleet.settings.on_error_limits {

@@ -118,18 +118,9 @@ fn run_worker(
                 return;
             }
         };
-        let redis = match shared.fleet.as_ref().map(|f| f.connection()) {
-            None => None,
-            Some(Ok(conn)) => Some(conn),
-            Some(Err(e)) => {
-                // Decisions then follow on_error_limits.
-                tracing::error!(error = %e, "cannot set up the Redis connection");
-                None
-            }
-        };
         let worker = Rc::new(Worker {
             shared,
-            redis,
+            redis: Default::default(),
             pool: upstream::Pool::new(),
             draining: Cell::new(false),
             drain: Notify::new(),

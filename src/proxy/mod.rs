@@ -29,7 +29,8 @@ pub use reload::{reload_now, Status};
 use crate::issue::Issuer;
 use crate::limit::Limiter;
 use crate::metrics::{record_policy, METRICS};
-use crate::policy::{Policy, PolicyStore, StateBackend};
+use crate::policy::{Policy, PolicyStore, RedisSettings, StateBackend};
+use crate::state::families::RedisStore;
 use crate::state::fleet::RedisLimits;
 use crate::state::{spawn_flusher, RedbStore, StateStore};
 
@@ -46,24 +47,38 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     record_policy(policy.counts(), true);
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
-    let state = open_state(&server_settings.state_dir, &limiter)?;
-    let fleet = match &policy.state {
-        StateBackend::Embedded => None,
+    let (issuer, fleet, shared_store) = match &policy.state {
+        StateBackend::Embedded => {
+            let state = open_state(&server_settings.state_dir, &limiter)?;
+            let issuer = Issuer {
+                store: state,
+                throttles: limiter.clone(),
+            };
+            (issuer, None, None)
+        }
         StateBackend::Redis(settings) => {
-            let fleet = RedisLimits::new(settings.clone())
-                .map_err(|e| anyhow::anyhow!("{e} ([state] url)"))?;
+            let settings: Arc<RedisSettings> = Arc::new((**settings).clone());
+            let store = Arc::new(
+                RedisStore::new(settings.clone())
+                    .map_err(|e| anyhow::anyhow!("{e} ([state] url)"))?,
+            );
+            // The local limiter is only the fallback: not persisted, but
+            // its idle accounts are still evicted.
+            spawn_flusher(limiter.clone(), store.clone());
             tracing::info!(
                 url = %settings.display_url,
                 on_error_limits = ?settings.on_error_limits,
-                "rate limits are shared through Redis"
+                "limits, login throttles and refresh tokens are shared through Redis"
             );
-            Some(Arc::new(fleet))
+            let issuer = Issuer {
+                store: store.clone(),
+                throttles: store.clone(),
+            };
+            let fleet = Arc::new(RedisLimits::new(settings));
+            (issuer, Some(fleet), Some(store))
         }
     };
-    let issuer = Arc::new(Issuer {
-        store: state,
-        limiter: limiter.clone(),
-    });
+    let issuer = Arc::new(issuer);
     let store = Arc::new(PolicyStore::new(path, policy));
     let status = Arc::new(Status::default());
 
@@ -105,6 +120,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
         admin::Admin {
             store: store.clone(),
             status: status.clone(),
+            state: shared_store,
         },
     );
     admin.add_tcp(&server_settings.admin_listen.to_string());

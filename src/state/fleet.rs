@@ -16,11 +16,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::topology::AsyncConn;
 
 use crate::gate::QuotaNeed;
-use crate::limit::{AccountId, Outcome};
+use crate::limit::{AccountId, Outcome, Quota};
 use crate::metrics::METRICS;
 use crate::policy::RedisSettings;
 
@@ -30,10 +33,11 @@ pub const BREAKER_OPEN: Duration = Duration::from_millis(250);
 const DENY_CACHE_SWEEP: usize = 100_000;
 
 /// GCRA in one step. KEYS[1]: the account's hash. ARGV: the emission
-/// interval and the tolerance (burst × interval), in µs. Returns
+/// interval and the tolerance (burst × interval), in µs, and optionally
+/// `1` to only look (login throttles look before they spend). Returns
 /// `{allowed, reset_us, retry_us, remaining}`. Numbers are written with
 /// `%.0f`: Lua would print a µs timestamp as `1.7e+15`.
-const GCRA: &str = r#"
+pub const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -56,6 +60,9 @@ local new_tat = tat + interval
 if new_tat - now > tolerance then
   return {0, tat - now, new_tat - now - tolerance, 0}
 end
+if ARGV[3] == '1' then
+  return {1, new_tat - now, 0, math.floor((tolerance - (new_tat - now)) / interval)}
+end
 redis.call('HSET', KEYS[1], 't', string.format('%.0f', new_tat), 'i', string.format('%.0f', interval))
 redis.call('PEXPIRE', KEYS[1], math.ceil((new_tat - now) / 1000) + 1000)
 return {1, new_tat - now, 0, math.floor((tolerance - (new_tat - now)) / interval)}
@@ -63,8 +70,7 @@ return {1, new_tat - now, 0, math.floor((tolerance - (new_tat - now)) / interval
 
 /// The limiter's Redis side, shared by the worker threads of one process.
 pub struct RedisLimits {
-    pub settings: RedisSettings,
-    client: redis::Client,
+    pub settings: Arc<RedisSettings>,
     script: redis::Script,
     deny: DashMap<AccountId, Denied>,
     /// No call before this instant (µs on the process clock); 0 = closed.
@@ -86,43 +92,24 @@ pub enum Answer {
 }
 
 impl RedisLimits {
-    pub fn new(settings: RedisSettings) -> Result<RedisLimits, String> {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
-            .map_err(|_| format!("invalid Redis url {}", settings.display_url))?;
-        if let Some(password) = &settings.password {
-            let redis = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(redis);
-        }
-        let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+    pub fn new(settings: Arc<RedisSettings>) -> RedisLimits {
         METRICS.state_up.set(1);
-        Ok(RedisLimits {
+        RedisLimits {
             settings,
-            client,
             script: redis::Script::new(GCRA),
             deny: DashMap::new(),
             open_until_us: AtomicU64::new(0),
             epoch: Instant::now(),
-        })
-    }
-
-    /// A connection for one worker thread; it connects on first use and
-    /// reconnects by itself.
-    pub fn connection(&self) -> Result<ConnectionManager, String> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.settings.connect_timeout))
-            .set_response_timeout(Some(self.settings.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(BREAKER_OPEN);
-        ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| e.to_string())
+        }
     }
 
     fn clock_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// One unit of `need.quota` for `need.account`.
-    pub async fn check(&self, conn: &mut ConnectionManager, need: &QuotaNeed) -> Answer {
+    /// One unit of `need.quota` for `need.account`. `conn` is the calling
+    /// thread's connection, set up here on first use.
+    pub async fn check(&self, conn: &mut Option<AsyncConn>, need: &QuotaNeed) -> Answer {
         let now = self.clock_us();
         if let Some(cached) = self.cached_refusal(need.account, now) {
             return Answer::DenyCache(cached);
@@ -142,10 +129,13 @@ impl RedisLimits {
         call.arg(need.quota.interval_us())
             .arg(need.quota.tolerance_us());
         let started = Instant::now();
-        let answer = tokio::time::timeout(
-            self.settings.timeout,
-            call.invoke_async::<(i64, i64, i64, i64)>(conn),
-        )
+        let answer = tokio::time::timeout(self.settings.timeout, async {
+            if conn.is_none() {
+                *conn = Some(AsyncConn::open(&self.settings).await?);
+            }
+            let conn = conn.as_mut().expect("just set");
+            call.invoke_async::<(i64, i64, i64, i64)>(conn).await
+        })
         .await;
         let (allowed, reset_us, retry_us, remaining) = match answer {
             Ok(Ok(reply)) => reply,
@@ -160,13 +150,7 @@ impl RedisLimits {
             tracing::info!("Redis answers again");
         }
         METRICS.state_up.set(1);
-        let outcome = Outcome {
-            allowed: allowed == 1,
-            limit: need.quota.limit.get(),
-            remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
-            reset_secs: secs_ceil(reset_us),
-            retry_after_secs: secs_ceil(retry_us),
-        };
+        let outcome = outcome(&need.quota, allowed, reset_us, retry_us, remaining);
         if !outcome.allowed {
             self.remember_refusal(need.account, now + retry_us.max(0) as u64, outcome);
         }
@@ -209,6 +193,23 @@ impl RedisLimits {
             self.deny.retain(|_, d| d.until_us > now);
         }
         self.deny.insert(account, Denied { until_us, outcome });
+    }
+}
+
+/// The script's answer as an [`Outcome`].
+pub fn outcome(
+    quota: &Quota,
+    allowed: i64,
+    reset_us: i64,
+    retry_us: i64,
+    remaining: i64,
+) -> Outcome {
+    Outcome {
+        allowed: allowed == 1,
+        limit: quota.limit.get(),
+        remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
+        reset_secs: secs_ceil(reset_us),
+        retry_after_secs: secs_ceil(retry_us),
     }
 }
 

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod families;
 pub mod fleet;
+pub mod topology;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -26,6 +28,9 @@ pub enum StateError {
     },
     #[error("state store: {0}")]
     Store(#[from] redb::Error),
+    /// The shared store (Redis) did not answer in time, or failed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 macro_rules! from_redb {

@@ -25,10 +25,13 @@ fn worker(upstream_port: u16, state: &std::path::Path) -> Rc<Worker> {
         shared: Arc::new(Shared {
             store: Arc::new(PolicyStore::new(std::path::Path::new("test.toml"), policy)),
             limiter: limiter.clone(),
-            issuer: Arc::new(Issuer { store, limiter }),
+            issuer: Arc::new(Issuer {
+                store,
+                throttles: limiter,
+            }),
             fleet: None,
         }),
-        redis: None,
+        redis: Default::default(),
         pool: Pool::new(),
         draining: Cell::new(false),
         drain: Notify::new(),

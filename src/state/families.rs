@@ -1,0 +1,386 @@
+//! Refresh-token families and login throttles in Redis, for a fleet: a
+//! token issued by one sidecar rotates on any other, and a reuse or a
+//! revocation is seen by all of them at once.
+//!
+//! Keys (the part in braces is the Cluster hash tag):
+//! - `{prefix}:fam:{<family>}`: one hash per family, so a rotation is one
+//!   atomic script on one slot. Fields: `u` (the user), `r` (revoked, until
+//!   when), and one per token, `<sha256 hex>` = `issued:expires:spent`.
+//!   It expires with the family's last token or revocation mark.
+//! - `{prefix}:rt:{<sha256 hex>}` = the family: the index from a presented
+//!   token to its family. Written once before the token is handed out and
+//!   never changed, so reading it outside the family's script cannot race.
+//! - `{prefix}:limit:{<account>}`: login throttles, the same GCRA hash as
+//!   the tier limiter's (see [`super::fleet`]).
+//!
+//! Calls block, with `timeout` as the socket deadline: the token endpoints
+//! run on blocking threads beside argon2. Any failure is
+//! [`StateError::Unavailable`], which the endpoints answer with 503
+//! `state_unavailable`: refresh and revoke always fail closed.
+
+use std::sync::Arc;
+
+use redis::Script;
+
+use super::topology::SyncPool;
+use super::{RefreshRecord, Rotation, StateError, StateStore, TokenHash};
+use crate::limit::{AccountId, Outcome, Quota, Snapshot};
+use crate::metrics::METRICS;
+use crate::policy::RedisSettings;
+
+/// Add a token to its family. KEYS[1]: the family. ARGV: user, token
+/// field, record, expiry (Unix s).
+const INSERT: &str = r#"
+redis.call('HSET', KEYS[1], 'u', ARGV[1], ARGV[2], ARGV[3])
+local at = tonumber(ARGV[4])
+if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
+return 1
+"#;
+
+/// Spend a token and add its successor, or detect reuse. KEYS[1]: the
+/// family. ARGV: old field, new field ('' to only look), new record, now,
+/// revoke-until. Also drops the records of expired tokens.
+const ROTATE: &str = r#"
+local function keep_until(at)
+  if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
+end
+local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if not rec then return 'unknown' end
+if redis.call('HEXISTS', KEYS[1], 'r') == 1 then return 'revoked' end
+local issued, expires, spent = string.match(rec, '^(%d+):(%d+):(%d)$')
+local now = tonumber(ARGV[4])
+if spent == '1' then
+  local until_ = math.max(tonumber(ARGV[5]), tonumber(expires))
+  redis.call('HSET', KEYS[1], 'r', until_)
+  keep_until(until_)
+  return 'reuse'
+end
+if tonumber(expires) <= now then return 'expired' end
+if ARGV[2] == '' then return 'valid' end
+redis.call('HSET', KEYS[1], ARGV[1], issued .. ':' .. expires .. ':1', ARGV[2], ARGV[3])
+keep_until(tonumber(string.match(ARGV[3], '^%d+:(%d+)')))
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local f = all[i]
+  if f ~= 'u' and f ~= 'r' then
+    local e = tonumber(string.match(all[i + 1], '^%d+:(%d+)'))
+    if e and e <= now then redis.call('HDEL', KEYS[1], f) end
+  end
+end
+return 'rotated'
+"#;
+
+/// Revoke a family until ARGV[1] (Unix s). KEYS[1]: the family.
+const REVOKE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local at = tonumber(ARGV[1])
+local was = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
+if was < at then redis.call('HSET', KEYS[1], 'r', at) end
+if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
+return 1
+"#;
+
+pub struct RedisStore {
+    pool: SyncPool,
+    prefix: Box<str>,
+    insert: Script,
+    rotate: Script,
+    revoke: Script,
+    gcra: Script,
+}
+
+impl RedisStore {
+    pub fn new(settings: Arc<RedisSettings>) -> Result<RedisStore, StateError> {
+        let prefix = settings.key_prefix.clone();
+        Ok(RedisStore {
+            pool: SyncPool::new(settings).map_err(|e| unavailable("setup", &e))?,
+            prefix,
+            insert: Script::new(INSERT),
+            rotate: Script::new(ROTATE),
+            revoke: Script::new(REVOKE),
+            gcra: Script::new(super::fleet::GCRA),
+        })
+    }
+
+    pub fn family_key(&self, family: u128) -> String {
+        format!("{}:fam:{{{family:032x}}}", self.prefix)
+    }
+
+    pub fn index_key(&self, hash: &TokenHash) -> String {
+        format!("{}:rt:{{{}}}", self.prefix, hex(hash))
+    }
+
+    /// Run one call, counted by `op` and outcome.
+    fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut dyn redis::ConnectionLike) -> redis::RedisResult<T>,
+    ) -> Result<T, StateError> {
+        let started = std::time::Instant::now();
+        match self.pool.with(f) {
+            Ok(v) => {
+                METRICS.redis_calls.with_label_values(&[op, "ok"]).inc();
+                METRICS
+                    .redis_call_duration
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(v)
+            }
+            Err(e) => {
+                let outcome = if e.is_timeout() { "timeout" } else { "error" };
+                METRICS.redis_calls.with_label_values(&[op, outcome]).inc();
+                Err(unavailable(op, &e))
+            }
+        }
+    }
+
+    fn family_of(&self, hash: &TokenHash) -> Result<Option<u128>, StateError> {
+        let key = self.index_key(hash);
+        let family: Option<String> =
+            self.call("refresh_index", |c| redis::cmd("GET").arg(&key).query(c))?;
+        Ok(family.and_then(|f| u128::from_str_radix(&f, 16).ok()))
+    }
+
+    /// The record of `hash` in `family`, and whether the family is revoked.
+    fn lookup(
+        &self,
+        family: u128,
+        hash: &TokenHash,
+    ) -> Result<Option<(RefreshRecord, bool)>, StateError> {
+        let key = self.family_key(family);
+        let field = hex(hash);
+        let (user, revoked, rec): (Option<String>, Option<String>, Option<String>) =
+            self.call("refresh_read", |c| {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("u")
+                    .arg("r")
+                    .arg(&field)
+                    .query(c)
+            })?;
+        let (Some(user), Some(rec)) = (user, rec) else {
+            return Ok(None);
+        };
+        let Some(record) = parse_record(&user, family, &rec) else {
+            return Ok(None);
+        };
+        Ok(Some((record, revoked.is_some())))
+    }
+
+    fn write_index(
+        &self,
+        hash: &TokenHash,
+        family: u128,
+        expires_at: u64,
+    ) -> Result<(), StateError> {
+        let key = self.index_key(hash);
+        self.call("refresh_index", |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(format!("{family:032x}"))
+                .arg("EXAT")
+                .arg(expires_at)
+                .query::<()>(c)
+        })
+    }
+
+    /// One GCRA step (or a look, with `peek`) on Redis' clock.
+    fn gcra(&self, account: AccountId, quota: &Quota, peek: bool) -> Result<Outcome, StateError> {
+        let key = format!("{}:limit:{{{account:032x}}}", self.prefix);
+        let mut inv = self.gcra.key(key);
+        inv.arg(quota.interval_us())
+            .arg(quota.tolerance_us())
+            .arg(u8::from(peek));
+        let (allowed, reset_us, retry_us, remaining): (i64, i64, i64, i64) =
+            self.call("throttle", |c| inv.invoke(c))?;
+        Ok(super::fleet::outcome(
+            quota, allowed, reset_us, retry_us, remaining,
+        ))
+    }
+
+    /// Write one exported record (see `keygate state import`).
+    pub fn import_limit(&self, s: &Snapshot) -> Result<(), StateError> {
+        let key = format!("{}:limit:{{{:032x}}}", self.prefix, s.account);
+        // Expire when the bucket is full again, as the script does.
+        let now_us = crate::policy::unix_now_us();
+        let ms = s.tat_us.saturating_sub(now_us) / 1000 + 1000;
+        self.call("import", |c| {
+            redis::pipe()
+                .atomic()
+                .cmd("HSET")
+                .arg(&key)
+                .arg("t")
+                .arg(s.tat_us)
+                .arg("i")
+                .arg(s.interval_us)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ms)
+                .ignore()
+                .query::<()>(c)
+        })
+    }
+
+    /// `PING`, for `/readyz` and `keygate check --connect`.
+    pub fn ping(&self) -> Result<(), StateError> {
+        self.call("ping", |c| redis::cmd("PING").query::<String>(c))
+            .map(|_| ())
+    }
+}
+
+fn unavailable(op: &str, e: &redis::RedisError) -> StateError {
+    METRICS.state_up.set(0);
+    // A redis error never holds the password; the URL is not in it either.
+    StateError::Unavailable(format!("Redis {op}: {e}"))
+}
+
+fn hex(hash: &TokenHash) -> String {
+    use std::fmt::Write;
+    hash.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn record_field(r: &RefreshRecord) -> String {
+    format!("{}:{}:{}", r.issued_at, r.expires_at, u8::from(r.spent))
+}
+
+fn parse_record(user: &str, family: u128, field: &str) -> Option<RefreshRecord> {
+    let mut parts = field.split(':');
+    let issued_at = parts.next()?.parse().ok()?;
+    let expires_at = parts.next()?.parse().ok()?;
+    let spent = parts.next()? == "1";
+    Some(RefreshRecord {
+        user: user.to_string(),
+        family,
+        issued_at,
+        expires_at,
+        spent,
+    })
+}
+
+impl StateStore for RedisStore {
+    /// Limits live in Redis itself; the local fallback limiter is not kept.
+    fn load_limits(&self) -> Result<Vec<Snapshot>, StateError> {
+        Ok(Vec::new())
+    }
+
+    fn save_limits(&self, _entries: &[Snapshot]) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    fn forget_limits(&self, _accounts: &[AccountId]) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    fn insert_refresh(&self, hash: &TokenHash, r: &RefreshRecord) -> Result<(), StateError> {
+        // The index first: a token whose family write failed is never
+        // handed out, and its index entry expires unused.
+        self.write_index(hash, r.family, r.expires_at)?;
+        let key = self.family_key(r.family);
+        let mut inv = self.insert.key(key);
+        inv.arg(&r.user)
+            .arg(hex(hash))
+            .arg(record_field(r))
+            .arg(r.expires_at);
+        self.call("refresh_insert", |c| inv.invoke::<i64>(c))
+            .map(|_| ())
+    }
+
+    fn rotate_refresh(
+        &self,
+        hash: &TokenHash,
+        now: u64,
+        revoke_until: u64,
+        successor: &mut dyn FnMut(&RefreshRecord) -> Option<(TokenHash, RefreshRecord)>,
+    ) -> Result<Rotation, StateError> {
+        let Some(family) = self.family_of(hash)? else {
+            return Ok(Rotation::Unknown);
+        };
+        let Some((old, revoked)) = self.lookup(family, hash)? else {
+            return Ok(Rotation::Unknown);
+        };
+        // Checked again, atomically, by the script; these only decide
+        // whether a successor is worth making.
+        let next = if revoked || old.spent || old.expires_at <= now {
+            None
+        } else {
+            match successor(&old) {
+                None => return Ok(Rotation::Refused),
+                Some((new_hash, new)) => {
+                    self.write_index(&new_hash, new.family, new.expires_at)?;
+                    Some((new_hash, new))
+                }
+            }
+        };
+        let (new_field, new_record) = match &next {
+            Some((h, r)) => (hex(h), record_field(r)),
+            None => (String::new(), String::new()),
+        };
+        let key = self.family_key(family);
+        let mut inv = self.rotate.key(key);
+        inv.arg(hex(hash))
+            .arg(new_field)
+            .arg(new_record)
+            .arg(now)
+            .arg(revoke_until);
+        let verdict: String = self.call("refresh_rotate", |c| inv.invoke(c))?;
+        Ok(match verdict.as_str() {
+            "rotated" => match next {
+                Some((_, new)) => Rotation::Rotated(new),
+                None => Rotation::Unknown,
+            },
+            "reuse" => Rotation::ReuseDetected,
+            "revoked" => Rotation::Revoked,
+            "expired" => Rotation::Expired,
+            // 'valid' (only looked) cannot follow a look that saw it
+            // spent, revoked or expired: none of those is ever undone.
+            _ => Rotation::Unknown,
+        })
+    }
+
+    fn revoke_refresh(&self, hash: &TokenHash, revoke_until: u64) -> Result<bool, StateError> {
+        let Some(family) = self.family_of(hash)? else {
+            return Ok(false);
+        };
+        let key = self.family_key(family);
+        let mut inv = self.revoke.key(key);
+        inv.arg(revoke_until);
+        let found: i64 = self.call("refresh_revoke", |c| inv.invoke(c))?;
+        Ok(found == 1)
+    }
+
+    /// Redis expires tokens, families and throttles by itself.
+    fn purge_expired(&self, _now: u64) -> Result<usize, StateError> {
+        Ok(0)
+    }
+}
+
+/// Login throttles: the process's limiter, or the fleet's in Redis.
+pub trait Throttles: Send + Sync {
+    /// How `account` stands, without spending anything.
+    fn peek(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError>;
+    /// Spend one unit.
+    fn hit(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError>;
+}
+
+impl Throttles for crate::limit::Limiter {
+    fn peek(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError> {
+        Ok(crate::limit::Limiter::peek(self, account, quota, now_us))
+    }
+
+    fn hit(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError> {
+        Ok(self.check(account, quota, now_us))
+    }
+}
+
+impl Throttles for RedisStore {
+    fn peek(&self, account: AccountId, quota: &Quota, _now_us: u64) -> Result<Outcome, StateError> {
+        self.gcra(account, quota, true)
+    }
+
+    fn hit(&self, account: AccountId, quota: &Quota, _now_us: u64) -> Result<Outcome, StateError> {
+        self.gcra(account, quota, false)
+    }
+}

@@ -1,0 +1,511 @@
+//! Where a fleet's Redis is, and connections to it.
+//!
+//! One URL names the deployment (`[state] url`):
+//!
+//! | form | deployment |
+//! |---|---|
+//! | `redis://[user[:pw]@]host[:port][/db]` | one server |
+//! | `rediss://…` | one server over TLS |
+//! | `redis+unix:///path/redis.sock[?db=N]` | one server on a Unix socket |
+//! | `redis+cluster://[user[:pw]@]host:port,host:port,…` | a Redis Cluster, from seed nodes (`rediss+cluster://` for TLS) |
+//! | `redis+sentinel://[user[:pw]@]host:port,host:port,…/master-name[/db]` | the master that Sentinels name (`rediss+sentinel://` for TLS to the master) |
+//!
+//! The proxy threads use [`AsyncConn`]; the token endpoints, which run on
+//! blocking threads, use [`SyncPool`]. Both follow the deployment: the
+//! cluster connection follows slot moves, and a Sentinel connection asks
+//! the Sentinels for the master again after a connection error or a
+//! `READONLY` answer (a failover turned its master into a replica).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisResult, TlsMode};
+
+use crate::policy::RedisSettings;
+
+/// After a failed connection attempt, ConnectionManager waits at most this long.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Debug)]
+pub enum Topology {
+    Single(ConnectionInfo),
+    Cluster(Vec<ConnectionInfo>),
+    Sentinel {
+        sentinels: Vec<ConnectionAddr>,
+        master: String,
+        db: i64,
+        username: Option<String>,
+        password: Option<String>,
+        tls: bool,
+    },
+}
+
+/// What a malformed URL gets. The parser's own messages may quote the URL,
+/// password and all, so they are never shown.
+pub const URL_FORMS: &str = "expected redis://[user[:password]@]host[:port][/db], rediss://…, \
+     redis+unix:///path, redis+cluster://host:port,host:port,… or \
+     redis+sentinel://host:port,…/master-name[/db]";
+
+impl Topology {
+    /// Parse `url`; `password` (from `password_env`/`password_file`) wins
+    /// over one in the URL.
+    pub fn parse(url: &str, password: Option<&str>) -> Result<Topology, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| URL_FORMS.to_string())?;
+        let with_password = |mut info: ConnectionInfo| {
+            if let Some(p) = password {
+                let redis = info.redis_settings().clone().set_password(p);
+                info = info.set_redis_settings(redis);
+            }
+            info
+        };
+        let single = |url: &str| -> Result<ConnectionInfo, String> {
+            url.into_connection_info()
+                .map(with_password)
+                .map_err(|_| URL_FORMS.to_string())
+        };
+        match scheme {
+            "redis" | "rediss" | "redis+unix" | "unix" => Ok(Topology::Single(single(url)?)),
+            "redis+cluster" | "rediss+cluster" => {
+                let node_scheme = if scheme.starts_with("rediss") {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                let (userinfo, hosts, path) = split_authority(rest);
+                if !path.is_empty() && path != "/" {
+                    return Err(
+                        "a cluster url has no database or path: Redis Cluster has only db 0".into(),
+                    );
+                }
+                let nodes = hosts
+                    .split(',')
+                    .map(|h| single(&format!("{node_scheme}://{userinfo}{h}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if nodes.is_empty() || hosts.is_empty() {
+                    return Err("a cluster url needs at least one seed node".into());
+                }
+                Ok(Topology::Cluster(nodes))
+            }
+            "redis+sentinel" | "rediss+sentinel" => {
+                let (userinfo, hosts, path) = split_authority(rest);
+                let mut parts = path.trim_start_matches('/').split('/');
+                let master = parts.next().unwrap_or("").to_string();
+                if master.is_empty() {
+                    return Err("a sentinel url names the master: redis+sentinel://host:port,…/master-name[/db]".into());
+                }
+                let db = match parts.next() {
+                    None | Some("") => 0,
+                    Some(d) => d
+                        .parse()
+                        .map_err(|_| format!("the database must be a number, not {d:?}"))?,
+                };
+                if parts.next().is_some() {
+                    return Err(URL_FORMS.into());
+                }
+                let sentinels = hosts
+                    .split(',')
+                    .map(|h| single(&format!("redis://{h}")).map(|i| i.addr().clone()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if hosts.is_empty() {
+                    return Err("a sentinel url needs at least one sentinel".into());
+                }
+                // The user and password are the master's (Sentinels are
+                // commonly run without one).
+                let creds = single(&format!("redis://{userinfo}localhost"))?;
+                Ok(Topology::Sentinel {
+                    sentinels,
+                    master,
+                    db,
+                    username: creds.redis_settings().username().map(str::to_string),
+                    password: creds.redis_settings().password().map(str::to_string),
+                    tls: scheme.starts_with("rediss"),
+                })
+            }
+            _ => Err(URL_FORMS.into()),
+        }
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        match self {
+            Topology::Single(i) => matches!(i.addr(), ConnectionAddr::TcpTls { .. }),
+            Topology::Cluster(nodes) => nodes
+                .iter()
+                .any(|i| matches!(i.addr(), ConnectionAddr::TcpTls { .. })),
+            Topology::Sentinel { tls, .. } => *tls,
+        }
+    }
+
+    pub fn holds_password(&self) -> bool {
+        match self {
+            Topology::Single(i) => i.redis_settings().password().is_some(),
+            Topology::Cluster(nodes) => nodes
+                .iter()
+                .any(|i| i.redis_settings().password().is_some()),
+            Topology::Sentinel { password, .. } => password.is_some(),
+        }
+    }
+}
+
+/// `user:pw@h1:p1,h2:p2/path` → (`user:pw@`, `h1:p1,h2:p2`, `/path`).
+fn split_authority(rest: &str) -> (&str, &str, &str) {
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..], path),
+        None => ("", authority, path),
+    }
+}
+
+fn tls_certs(settings: &RedisSettings) -> Option<redis::TlsCertificates> {
+    settings.tls_ca.as_ref().map(|pem| redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.clone()),
+    })
+}
+
+fn client(settings: &RedisSettings, info: ConnectionInfo) -> RedisResult<Client> {
+    match tls_certs(settings) {
+        Some(certs) => Client::build_with_tls(info, certs),
+        None => Client::open(info),
+    }
+}
+
+fn sentinel_client(settings: &RedisSettings) -> RedisResult<SentinelClient> {
+    let Topology::Sentinel {
+        sentinels,
+        master,
+        db,
+        username,
+        password,
+        tls,
+    } = &settings.topology
+    else {
+        unreachable!("sentinel_client on a non-Sentinel topology");
+    };
+    let mut b = SentinelClientBuilder::new(sentinels.clone(), master, SentinelServerType::Master)?
+        .set_client_to_redis_db(*db);
+    if let Some(u) = username {
+        b = b.set_client_to_redis_username(u);
+    }
+    if let Some(p) = password {
+        b = b.set_client_to_redis_password(p);
+    }
+    if *tls {
+        b = b.set_client_to_redis_tls_mode(TlsMode::Secure);
+        if let Some(certs) = tls_certs(settings) {
+            b = b.set_client_to_redis_certificates(certs);
+        }
+    }
+    b.build()
+}
+
+/// Is this error one after which the connection (or the master it points
+/// at) should not be used again?
+fn connection_lost(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.code() == Some("READONLY")
+}
+
+/// How a proxy thread talks to Redis. Every variant reconnects by itself.
+#[derive(Clone)]
+pub enum AsyncConn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(SentinelConn),
+}
+
+/// The master the Sentinels name, asked again after a failure.
+/// Clones share the master connection and forget it together.
+#[derive(Clone)]
+pub struct SentinelConn {
+    sentinel: Arc<tokio::sync::Mutex<SentinelClient>>,
+    current: Arc<Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    settings: Arc<RedisSettings>,
+}
+
+impl SentinelConn {
+    async fn master(&self) -> RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(conn) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(conn);
+        }
+        let client = self.sentinel.lock().await.async_get_client().await?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.settings.connect_timeout))
+            .set_response_timeout(Some(self.settings.timeout));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn settings_db(&self) -> i64 {
+        match &self.settings.topology {
+            Topology::Sentinel { db, .. } => *db,
+            _ => 0,
+        }
+    }
+
+    fn after<T>(&self, result: &RedisResult<T>) {
+        if let Err(e) = result {
+            if connection_lost(e) {
+                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+    }
+}
+
+impl AsyncConn {
+    /// Set up a connection for `settings`; it connects on first use.
+    pub async fn open(settings: &Arc<RedisSettings>) -> RedisResult<AsyncConn> {
+        match &settings.topology {
+            Topology::Single(info) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(settings.connect_timeout))
+                    .set_response_timeout(Some(settings.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(MAX_RECONNECT_DELAY);
+                let client = client(settings, info.clone())?;
+                Ok(AsyncConn::Single(ConnectionManager::new_lazy_with_config(
+                    client, config,
+                )?))
+            }
+            Topology::Cluster(nodes) => {
+                let mut b = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.timeout)
+                    .retries(1);
+                if let Some(certs) = tls_certs(settings) {
+                    b = b.certs(certs);
+                }
+                let conn = b.build()?.get_async_connection().await?;
+                Ok(AsyncConn::Cluster(conn))
+            }
+            Topology::Sentinel { .. } => Ok(AsyncConn::Sentinel(SentinelConn {
+                sentinel: Arc::new(tokio::sync::Mutex::new(sentinel_client(settings)?)),
+                current: Arc::new(Mutex::new(None)),
+                settings: settings.clone(),
+            })),
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for AsyncConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            AsyncConn::Single(c) => c.req_packed_command(cmd),
+            AsyncConn::Cluster(c) => c.req_packed_command(cmd),
+            AsyncConn::Sentinel(s) => Box::pin(async move {
+                let result = async { s.master().await?.req_packed_command(cmd).await }.await;
+                s.after(&result);
+                result
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            AsyncConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            AsyncConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            AsyncConn::Sentinel(s) => Box::pin(async move {
+                let result = async {
+                    let mut master = s.master().await?;
+                    master.req_packed_commands(pipeline, offset, count).await
+                }
+                .await;
+                s.after(&result);
+                result
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AsyncConn::Single(c) => c.get_db(),
+            AsyncConn::Cluster(c) => c.get_db(),
+            AsyncConn::Sentinel(s) => s.settings_db(),
+        }
+    }
+}
+
+/// Blocking connections for the token endpoints (which run on blocking
+/// threads beside argon2): a few kept for reuse, one dropped after any
+/// connection error.
+pub struct SyncPool {
+    settings: Arc<RedisSettings>,
+    idle: Mutex<Vec<SyncConn>>,
+    cluster: Option<redis::cluster::ClusterClient>,
+    sentinel: Option<Mutex<SentinelClient>>,
+}
+
+pub enum SyncConn {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl SyncConn {
+    pub fn as_dyn(&mut self) -> &mut dyn redis::ConnectionLike {
+        match self {
+            SyncConn::Single(c) => c,
+            SyncConn::Cluster(c) => c.as_mut(),
+        }
+    }
+}
+
+const IDLE_SYNC_CONNECTIONS: usize = 8;
+
+impl SyncPool {
+    pub fn new(settings: Arc<RedisSettings>) -> RedisResult<SyncPool> {
+        let cluster = match &settings.topology {
+            Topology::Cluster(nodes) => {
+                let mut b = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(settings.connect_timeout)
+                    .response_timeout(settings.timeout)
+                    .retries(1);
+                if let Some(certs) = tls_certs(&settings) {
+                    b = b.certs(certs);
+                }
+                Some(b.build()?)
+            }
+            _ => None,
+        };
+        let sentinel = match &settings.topology {
+            Topology::Sentinel { .. } => Some(Mutex::new(sentinel_client(&settings)?)),
+            _ => None,
+        };
+        Ok(SyncPool {
+            settings,
+            idle: Mutex::new(Vec::new()),
+            cluster,
+            sentinel,
+        })
+    }
+
+    /// Run `f` on a connection; a connection that failed is not reused.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut dyn redis::ConnectionLike) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match reused {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let result = f(conn.as_dyn());
+        match &result {
+            Err(e) if connection_lost(e) => {}
+            _ => {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < IDLE_SYNC_CONNECTIONS {
+                    idle.push(conn);
+                }
+            }
+        }
+        result
+    }
+
+    fn connect(&self) -> RedisResult<SyncConn> {
+        let s = &self.settings;
+        let single = |client: Client| -> RedisResult<SyncConn> {
+            let conn = client.get_connection_with_timeout(s.connect_timeout)?;
+            conn.set_read_timeout(Some(s.timeout))?;
+            conn.set_write_timeout(Some(s.timeout))?;
+            Ok(SyncConn::Single(conn))
+        };
+        match &s.topology {
+            Topology::Single(info) => single(client(s, info.clone())?),
+            Topology::Cluster(_) => {
+                let cluster = self.cluster.as_ref().expect("built for a cluster");
+                Ok(SyncConn::Cluster(Box::new(cluster.get_connection()?)))
+            }
+            Topology::Sentinel { .. } => {
+                let sentinel = self.sentinel.as_ref().expect("built for Sentinel");
+                let client = sentinel
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_client()?;
+                single(client)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_form_parses() {
+        assert!(matches!(
+            Topology::parse("redis://127.0.0.1:6379/2", None),
+            Ok(Topology::Single(_))
+        ));
+        assert!(Topology::parse("rediss://r.example:6380", None)
+            .unwrap()
+            .uses_tls());
+        assert!(matches!(
+            Topology::parse("redis+unix:///run/redis.sock", None),
+            Ok(Topology::Single(_))
+        ));
+        match Topology::parse("redis+cluster://:pw@10.0.0.1:7000,10.0.0.2:7001", None) {
+            Ok(Topology::Cluster(nodes)) => {
+                assert_eq!(nodes.len(), 2);
+                assert!(nodes
+                    .iter()
+                    .all(|n| n.redis_settings().password() == Some("pw")));
+            }
+            other => panic!("{other:?}"),
+        }
+        match Topology::parse("redis+sentinel://s1:26379,s2:26379/main/3", Some("pw")) {
+            Ok(Topology::Sentinel {
+                sentinels,
+                master,
+                db,
+                password,
+                tls,
+                ..
+            }) => {
+                assert_eq!(sentinels.len(), 2);
+                assert_eq!((master.as_str(), db, tls), ("main", 3, false));
+                // password_env/password_file is the master's password.
+                assert_eq!(password.as_deref(), Some("pw"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_without_echoing_them() {
+        for bad in [
+            "http://h:6379",
+            "redis+cluster://",
+            "redis+cluster://h:1,h:2/3",
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1:26379/main/x",
+            "redis://s3cret@h:notaport",
+            "localhost:6379",
+        ] {
+            let e = Topology::parse(bad, None).expect_err(bad);
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+    }
+}
