@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 use support::*;
 
 /// The usual test policy, its limits kept in Redis.
@@ -328,4 +328,79 @@ fn a_password_in_the_state_url_never_reaches_the_logs() {
     assert!(logs.contains("shared through Redis"), "{logs}");
     assert!(logs.contains("Redis call failed"), "{logs}");
     assert!(!logs.contains("pw-must-not-leak"), "{logs}");
+}
+
+#[test]
+fn a_three_master_cluster_passes_exactly_the_tier_limit_and_shares_refresh_tokens() {
+    let cluster = RedisCluster::start(3);
+    let upstream = Upstream::start();
+    let state = "timeout = \"1s\"\non_error_limits = \"closed\"";
+    let cfg = with_state(&config_with_passwords(), &cluster.url(), state);
+    let fleet: Vec<Keygate> = (0..4)
+        .map(|_| Keygate::start(&cfg, upstream.port))
+        .collect();
+    let ports: Vec<u16> = fleet.iter().map(|k| k.port).collect();
+
+    let statuses = flood(&ports, 2000, 32);
+    assert_eq!(count(&statuses, 200), 100, "the free tier is 100 an hour");
+    assert_eq!(count(&statuses, 429), 1900, "{statuses:?}");
+    let calls = cluster.script_calls();
+    let again = flood(&ports, 200, 8);
+    assert_eq!(count(&again, 429), 200);
+    assert_eq!(cluster.script_calls(), calls, "the deny cache asked Redis");
+
+    // A family's index and records sit on different slots; a token issued
+    // on one sidecar still rotates on another, and reuse revokes it.
+    let r1 = login(&fleet[0]);
+    let (status, r2) = refresh(&fleet[1], &r1);
+    assert_eq!(status, 200, "{r2}");
+    assert_eq!(
+        refresh(&fleet[2], &r1),
+        (401, "invalid_refresh_token".into())
+    );
+    assert_eq!(
+        refresh(&fleet[3], &r2),
+        (401, "invalid_refresh_token".into())
+    );
+}
+
+#[test]
+fn through_sentinel_keygate_follows_a_failover() {
+    let redis = RedisSentinel::start();
+    let upstream = Upstream::start();
+    let state = "timeout = \"200ms\"\non_error_limits = \"closed\"";
+    let kg = Keygate::start(
+        &with_state(&config_with_passwords(), &redis.url(), state),
+        upstream.port,
+    );
+    assert_eq!(get(&kg).0, 200);
+    let r1 = login(&kg);
+    assert_ne!(redis.master.command(&["DBSIZE"]).as_deref(), Some(":0"));
+
+    // The replica becomes the master; the old master, a replica, answers
+    // writes with READONLY: keygate asks the Sentinel again and goes on.
+    redis.fail_over();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r2 = loop {
+        let (status, said) = refresh(&kg, &r1);
+        if status == 200 {
+            break said;
+        }
+        assert_eq!((status, said.as_str()), (503, "state_unavailable"));
+        assert!(
+            Instant::now() < deadline,
+            "keygate did not follow the failover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The rotation was written on the new master.
+    assert_eq!(refresh(&kg, &r2).0, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&kg).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "limits did not follow the failover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

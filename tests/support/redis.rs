@@ -10,14 +10,25 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     stopped: bool,
+    /// Cluster and Sentinel files live here.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = super::free_port();
-        let child = Command::new("redis-server")
+        RedisServer::start_with(super::free_port(), &[], None)
+    }
+
+    /// `redis-server` on `port` with `extra` arguments, run in `dir`.
+    pub fn start_with(port: u16, extra: &[&str], dir: Option<tempfile::TempDir>) -> RedisServer {
+        let mut cmd = Command::new("redis-server");
+        if let Some(d) = &dir {
+            cmd.current_dir(d.path());
+        }
+        let child = cmd
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -26,6 +37,7 @@ impl RedisServer {
             child,
             port,
             stopped: false,
+            _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while server.command(&["PING"]).as_deref() != Some("+PONG") {
@@ -50,18 +62,28 @@ impl RedisServer {
         Some(line.trim_end().to_string())
     }
 
-    /// Calls of the GCRA script so far (`EVALSHA` and `EVAL`).
-    pub fn script_calls(&self) -> u64 {
+    /// The whole bulk-string reply of `INFO section`.
+    pub fn info(&self, section: &str) -> String {
+        self.bulk(&format!("INFO {section}"))
+    }
+
+    /// The whole bulk-string reply of an inline command.
+    pub fn bulk(&self, command: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s.write_all(b"INFO commandstats\r\n").unwrap();
+        s.write_all(format!("{command}\r\n").as_bytes()).unwrap();
         let mut r = BufReader::new(s);
         let mut header = String::new();
         r.read_line(&mut header).unwrap();
         let len: usize = header.trim_end().trim_start_matches('$').parse().unwrap();
         let mut body = vec![0u8; len];
         std::io::Read::read_exact(&mut r, &mut body).unwrap();
-        String::from_utf8_lossy(&body)
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Calls of the GCRA script so far (`EVALSHA` and `EVAL`).
+    pub fn script_calls(&self) -> u64 {
+        self.info("commandstats")
             .lines()
             .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
             .filter_map(|l| {
@@ -104,5 +126,164 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A port `p` with `p + 10000` (the cluster bus) free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let p = super::free_port();
+        if p < 55000 && std::net::TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A Redis Cluster of `masters` masters (no replicas) on loopback, built
+/// with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let dir = tempfile::tempdir().unwrap();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ];
+                RedisServer::start_with(free_cluster_port(), &args, Some(dir))
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes
+            .iter()
+            .all(|n| n.bulk("CLUSTER INFO").contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", addrs.join(","))
+    }
+
+    pub fn script_calls(&self) -> u64 {
+        self.nodes.iter().map(RedisServer::script_calls).sum()
+    }
+}
+
+/// A master, one replica and one Sentinel watching them as `kgmaster`.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinel: RedisServer,
+}
+
+impl RedisSentinel {
+    pub const NAME: &'static str = "kgmaster";
+
+    pub fn start() -> RedisSentinel {
+        let master = RedisServer::start();
+        let replica = RedisServer::start_with(
+            super::free_port(),
+            &["--replicaof", "127.0.0.1", &master.port.to_string()],
+            None,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !replica
+            .info("replication")
+            .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "the replica did not sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::free_port();
+        let conf = format!(
+            "port {port}\nbind 127.0.0.1\nsentinel monitor {n} 127.0.0.1 {m} 1\n\
+             sentinel down-after-milliseconds {n} 1000\nsentinel failover-timeout {n} 5000\n",
+            n = Self::NAME,
+            m = master.port
+        );
+        std::fs::write(dir.path().join("sentinel.conf"), conf).unwrap();
+        let mut cmd = Command::new("redis-server");
+        let child = cmd
+            .current_dir(dir.path())
+            .args(["sentinel.conf", "--sentinel"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let sentinel = RedisServer {
+            child,
+            port,
+            stopped: false,
+            _dir: Some(dir),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Ready once it knows the replica (it may fail over to it).
+        while !sentinel
+            .command(&["SENTINEL", "replicas", Self::NAME])
+            .is_some_and(|l| l.starts_with('*') && l != "*0")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel did not find the replica"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisSentinel {
+            master,
+            replica,
+            sentinel,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "redis+sentinel://127.0.0.1:{}/{}",
+            self.sentinel.port,
+            Self::NAME
+        )
+    }
+
+    /// Promote the replica; returns once the sentinel names it the master.
+    pub fn fail_over(&self) {
+        let said = self.sentinel.command(&["SENTINEL", "failover", Self::NAME]);
+        assert_eq!(said.as_deref(), Some("+OK"), "SENTINEL failover");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(self.replica.info("replication").contains("role:master")
+            && self.master.info("replication").contains("role:slave"))
+        {
+            assert!(Instant::now() < deadline, "the failover did not complete");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
