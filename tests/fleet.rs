@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::redis::{RedisCluster, RedisSentinel, RedisServer};
+use support::redis::{RedisCluster, RedisSentinel, RedisServer, RedisTls};
 use support::*;
 
 /// The usual test policy, its limits kept in Redis.
@@ -403,4 +403,31 @@ fn through_sentinel_keygate_follows_a_failover() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn over_tls_the_servers_certificate_is_checked_against_tls_ca_file() {
+    let redis = RedisTls::start();
+    let upstream = Upstream::start();
+    let trusting = format!(
+        "timeout = \"1s\"\non_error_limits = \"closed\"\ntls_ca_file = \"{}\"",
+        redis.ca.display()
+    );
+    let kg = Keygate::start(
+        &with_state(&config_with_passwords(), &redis.url(), &trusting),
+        upstream.port,
+    );
+    let statuses = flood(&[kg.port], 150, 8);
+    assert_eq!(count(&statuses, 200), 100, "{statuses:?}");
+    let r1 = login(&kg);
+    assert_eq!(refresh(&kg, &r1).0, 200);
+
+    // Without the CA, the self-made certificate is refused: no call succeeds.
+    let distrusting = "timeout = \"1s\"\non_error_limits = \"closed\"";
+    let kg = Keygate::start(
+        &with_state(&config(), &redis.url(), distrusting),
+        upstream.port,
+    );
+    let (status, body, _) = get(&kg);
+    assert_eq!(status, 503, "{body}");
 }

@@ -287,3 +287,77 @@ impl RedisSentinel {
         }
     }
 }
+
+/// A redis-server that speaks only TLS, with a certificate for 127.0.0.1
+/// signed by a CA made for the test (`ca.pem` in `dir`).
+pub struct RedisTls {
+    pub server: RedisServer,
+    pub ca: std::path::PathBuf,
+}
+
+impl RedisTls {
+    pub fn start() -> RedisTls {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &str| {
+            let out = Command::new("openssl")
+                .current_dir(dir.path())
+                .args(args.split_whitespace())
+                .output()
+                .expect("run openssl");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "openssl {args}: {err}");
+        };
+        openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=keygate-test-ca");
+        openssl("req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost");
+        std::fs::write(dir.path().join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl("x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 1 -extfile ext");
+        let ca = dir.path().join("ca.pem");
+        let port = super::free_port().to_string();
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            "srv.pem",
+            "--tls-key-file",
+            "srv.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+        ];
+        // start_with waits for a plain-text PING, which a TLS-only server
+        // never answers: start it by hand.
+        let child = Command::new("redis-server")
+            .current_dir(dir.path())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server with TLS");
+        let port: u16 = port.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server (TLS) did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisTls {
+            server: RedisServer {
+                child,
+                port,
+                stopped: false,
+                _dir: Some(dir),
+            },
+            ca,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.server.port)
+    }
+}
