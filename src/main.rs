@@ -67,10 +67,32 @@ enum Command {
         #[command(subcommand)]
         action: WebhookAction,
     },
+    /// Move live state (refresh tokens, spent quotas) between stores, e.g. embedded to Redis
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// Serve the example configuration with a built-in sample VM API, printing curl lines to try
     Demo {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Print the store's live records as JSON lines (embedded store; stop keygate first)
+    Export {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Write an export into the store this configuration names (embedded or Redis)
+    Import {
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The export; - or nothing for stdin
+        #[arg(value_name = "EXPORT")]
+        input: Option<PathBuf>,
     },
 }
 
@@ -156,6 +178,15 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::State {
+            action: StateAction::Export { config },
+        } => keygate::cli::state::export(
+            &keygate::cli::config_path(config),
+            &mut std::io::stdout().lock(),
+        ),
+        Command::State {
+            action: StateAction::Import { config, input },
+        } => keygate::cli::state::import(&keygate::cli::config_path(config), input.as_deref()),
         Command::Demo { config } => keygate::cli::demo::run(config),
     };
     match result {

@@ -431,3 +431,87 @@ fn over_tls_the_servers_certificate_is_checked_against_tls_ca_file() {
     let (status, body, _) = get(&kg);
     assert_eq!(status, 503, "{body}");
 }
+
+#[test]
+fn state_export_and_import_carry_tokens_and_spent_quotas_into_redis() {
+    let upstream = Upstream::start();
+    let policy = config_with_passwords();
+    // One sidecar on the embedded store spends dana's hour and logs in.
+    let single = Keygate::start(&policy, upstream.port);
+    assert_eq!(count(&flood(&[single.port], 101, 4), 200), 100);
+    let r1 = login(&single);
+    // Limiter state is written behind (every 500 ms); then stop it: the
+    // embedded store can be open in one process only.
+    std::thread::sleep(Duration::from_millis(1200));
+    single.signal("TERM");
+    let keygate = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(args)
+            .env("KEYGATE_TEST_HS", HS_SECRET)
+            .output()
+            .unwrap()
+    };
+    let old_config = single.config_path().display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let export = loop {
+        let out = keygate(&["state", "export", "-c", &old_config]);
+        if out.status.success() {
+            break out.stdout;
+        }
+        // Still shutting down, holding the store.
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = String::from_utf8(export).unwrap();
+    assert!(text.starts_with("{\"keygate_state\":1}\n"), "{text}");
+    assert!(text.contains("{\"refresh\":"), "{text}");
+    assert!(text.contains("{\"limit\":"), "{text}");
+    assert!(!text.contains(&r1), "the export holds hashes, not tokens");
+
+    // Into Redis, then a fleet of two serves on as if nothing happened.
+    let redis = RedisServer::start();
+    let cfg = with_state(
+        &policy,
+        &redis.url(),
+        "timeout = \"1s\"\non_error_limits = \"closed\"",
+    );
+    let (a, b) = (
+        Keygate::start(&cfg, upstream.port),
+        Keygate::start(&cfg, upstream.port),
+    );
+    let file = a.dir.path().join("state.jsonl");
+    std::fs::write(&file, &text).unwrap();
+    let new_config = a.config_path().display().to_string();
+    let out = keygate(&[
+        "state",
+        "import",
+        "-c",
+        &new_config,
+        &file.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(get(&a).0, 429, "dana's spent hour came along");
+    assert_eq!(get(&b).0, 429);
+    let (status, _) = refresh(&b, &r1);
+    assert_eq!(status, 200, "the refresh token came along");
+
+    // A broken export is refused with its line number, and nothing changes.
+    std::fs::write(&file, "{\"keygate_state\":1}\n{\"limit\":{}}\n").unwrap();
+    let out = keygate(&[
+        "state",
+        "import",
+        "-c",
+        &new_config,
+        &file.display().to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+}

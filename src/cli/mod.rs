@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod explain;
+pub mod state;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use redis::Script;
 
+use super::migrate::{Item, Record};
 use super::topology::SyncPool;
 use super::{RefreshRecord, Rotation, StateError, StateStore, TokenHash};
 use crate::limit::{AccountId, Outcome, Quota, Snapshot};
@@ -354,6 +355,25 @@ impl StateStore for RedisStore {
     /// Redis expires tokens, families and throttles by itself.
     fn purge_expired(&self, _now: u64) -> Result<usize, StateError> {
         Ok(0)
+    }
+
+    fn export(&self) -> Result<Vec<Record>, StateError> {
+        Err(StateError::Unsupported(
+            "export reads the embedded store; back Redis up with its own RDB/AOF files",
+        ))
+    }
+
+    fn import(&self, item: &Item) -> Result<(), StateError> {
+        match item {
+            Item::Limit(s) => self.import_limit(s),
+            Item::Refresh(hash, r) => self.insert_refresh(hash, r),
+            Item::Revoked { family, until } => {
+                let key = self.family_key(*family);
+                let mut inv = self.revoke.key(key);
+                inv.arg(*until);
+                self.call("import", |c| inv.invoke::<i64>(c)).map(|_| ())
+            }
+        }
     }
 }
 

@@ -12,12 +12,14 @@ use std::time::Duration;
 
 pub mod families;
 pub mod fleet;
+pub mod migrate;
 pub mod topology;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::limit::{AccountId, Limiter, Snapshot};
 use crate::metrics::METRICS;
+use migrate::{Item, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -31,6 +33,8 @@ pub enum StateError {
     /// The shared store (Redis) did not answer in time, or failed.
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 macro_rules! from_redb {
@@ -73,6 +77,11 @@ pub trait StateStore: Send + Sync {
     fn revoke_refresh(&self, hash: &TokenHash, revoke_until: u64) -> Result<bool, StateError>;
     /// Drop expired tokens and revocation marks. Returns how many.
     fn purge_expired(&self, now: u64) -> Result<usize, StateError>;
+
+    /// Everything held, for `keygate state export`.
+    fn export(&self) -> Result<Vec<Record>, StateError>;
+    /// Write one exported item as it was (`keygate state import`).
+    fn import(&self, item: &Item) -> Result<(), StateError>;
 }
 
 /// SHA-256 of a refresh token: the token itself is never stored.
@@ -292,6 +301,44 @@ impl StateStore for RedbStore {
         };
         txn.commit()?;
         Ok(purged)
+    }
+
+    fn export(&self) -> Result<Vec<Record>, StateError> {
+        let mut out: Vec<Record> = self.load_limits()?.iter().map(Record::limit).collect();
+        let txn = self.db.begin_read()?;
+        for row in txn.open_table(REFRESH)?.iter()? {
+            let (k, v) = row?;
+            let (user, family, issued_at, expires_at, spent) = v.value();
+            let record = RefreshRecord {
+                user: user.to_string(),
+                family,
+                issued_at,
+                expires_at,
+                spent,
+            };
+            out.push(Record::refresh(k.value(), &record));
+        }
+        for row in txn.open_table(REVOKED)?.iter()? {
+            let (k, v) = row?;
+            out.push(Record::Revoked {
+                family: format!("{:032x}", k.value()),
+                until: v.value(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn import(&self, item: &Item) -> Result<(), StateError> {
+        match item {
+            Item::Limit(s) => self.save_limits(std::slice::from_ref(s)),
+            Item::Refresh(hash, r) => self.insert_refresh(hash, r),
+            Item::Revoked { family, until } => {
+                let txn = self.db.begin_write()?;
+                txn.open_table(REVOKED)?.insert(*family, *until)?;
+                txn.commit()?;
+                Ok(())
+            }
+        }
     }
 }
 
