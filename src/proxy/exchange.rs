@@ -37,7 +37,7 @@ use crate::limit::{Limiter, Outcome};
 use crate::metrics::{method_label, status_class, METRICS};
 use crate::policy::{OnError, Policy, PolicyStore, Underscores, Webhook};
 use crate::proxy::access_log;
-use crate::state::fleet::{Answer, RedisLimits};
+use crate::state::fleet::{Answer, Lanes, RedisLimits};
 use crate::state::topology::AsyncConn;
 
 /// How long a started request head, or the next piece of a request body,
@@ -78,6 +78,8 @@ pub struct Worker {
     pub pool: Pool,
     /// This thread's connection to Redis, in fleet mode; set up on first use.
     pub redis: std::cell::RefCell<Option<AsyncConn>>,
+    /// This thread's Redis limit calls in flight, batched by account.
+    pub lanes: Lanes,
     /// Set at shutdown: finish the request in hand, then close.
     pub draining: Cell<bool>,
     /// Wakes idle connections at shutdown.
@@ -216,12 +218,7 @@ impl Worker {
             METRICS.limit_decisions.local.inc();
             return Some(local());
         };
-        let mut conn = self.redis.borrow().clone();
-        let had = conn.is_some();
-        let answer = fleet.check(&mut conn, need).await;
-        if !had && conn.is_some() {
-            *self.redis.borrow_mut() = conn;
-        }
+        let answer = fleet.check(&self.lanes, &self.redis, need).await;
         let counted = &METRICS.limit_decisions;
         let (source, outcome) = match answer {
             Answer::Redis(o) => (&counted.redis, Some(o)),

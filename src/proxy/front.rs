@@ -121,6 +121,7 @@ fn run_worker(
         let worker = Rc::new(Worker {
             shared,
             redis: Default::default(),
+            lanes: Default::default(),
             pool: upstream::Pool::new(),
             draining: Cell::new(false),
             drain: Notify::new(),

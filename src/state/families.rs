@@ -190,12 +190,13 @@ impl RedisStore {
         let mut inv = self.gcra.key(key);
         inv.arg(quota.interval_us())
             .arg(quota.tolerance_us())
-            .arg(u8::from(peek));
-        let (allowed, reset_us, retry_us, remaining): (i64, i64, i64, i64) =
-            self.call("throttle", |c| inv.invoke(c))?;
-        Ok(super::fleet::outcome(
-            quota, allowed, reset_us, retry_us, remaining,
-        ))
+            .arg(u8::from(!peek));
+        let (granted, base_us): (u64, u64) = self.call("throttle", |c| inv.invoke(c))?;
+        Ok(if peek {
+            super::fleet::look(quota, base_us)
+        } else {
+            super::fleet::unit(quota, granted, base_us, 1)
+        })
     }
 
     /// Write one exported record (see `keygate state import`).

@@ -1,6 +1,6 @@
 //! The tier limiter shared by a fleet of sidecars through Redis.
 //!
-//! - **Exact**: one atomic Lua GCRA script per decision (a client-side
+//! - **Exact**: one atomic Lua GCRA script per call (a client-side
 //!   read-then-write would race and let floods through), on Redis' own
 //!   clock (`TIME`), so sidecars' clock skew does not matter. One hash per
 //!   account (`{prefix}:limit:{<account>}`, hash-tagged so it works on a
@@ -9,16 +9,24 @@
 //! - **Deny cache**: once Redis refuses an account, this process refuses it
 //!   locally until the retry time Redis gave. Exactness holds (the allowed
 //!   time only moves forward), and abusive traffic stays off Redis.
+//! - **Batched**: on one proxy thread, decisions for one account that
+//!   arrive while its call is in flight wait for it and then go together,
+//!   as one call asking for n units ([`Lanes`], group commit). The script
+//!   grants the first k ≤ n in order, so exactness holds, and a hot account
+//!   costs one call per round trip instead of one per request.
 //! - **Bounded**: every call has keygate's own deadline (`timeout`); a
 //!   failure opens a breaker for [`BREAKER_OPEN`], during which decisions
 //!   take the `on_error_limits` path at once instead of waiting.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use dashmap::DashMap;
+use tokio::sync::Notify;
 
 use super::topology::AsyncConn;
 
@@ -32,16 +40,19 @@ pub const BREAKER_OPEN: Duration = Duration::from_millis(250);
 /// Deny-cache entries above this are swept of expired ones.
 const DENY_CACHE_SWEEP: usize = 100_000;
 
-/// GCRA in one step. KEYS[1]: the account's hash. ARGV: the emission
-/// interval and the tolerance (burst × interval), in µs, and optionally
-/// `1` to only look (login throttles look before they spend). Returns
-/// `{allowed, reset_us, retry_us, remaining}`. Numbers are written with
-/// `%.0f`: Lua would print a µs timestamp as `1.7e+15`.
+/// GCRA for n units at once. KEYS[1]: the account's hash. ARGV: the
+/// emission interval and the tolerance (burst × interval), in µs, and n
+/// (0 only looks: login throttles look before they spend). Grants the
+/// first k ≤ n units that fit and returns `{k, base_us}`, where `base_us`
+/// is how far the TAT ran ahead of now before them; [`unit`] turns that
+/// into each unit's answer. Numbers are written with `%.0f`: Lua would
+/// print a µs timestamp as `1.7e+15`.
 pub const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local state = redis.call('HMGET', KEYS[1], 't', 'i')
 local tat = tonumber(state[1])
 local was = tonumber(state[2])
@@ -56,16 +67,16 @@ elseif was ~= interval then
 elseif tat < now then
   tat = now
 end
-local new_tat = tat + interval
-if new_tat - now > tolerance then
-  return {0, tat - now, new_tat - now - tolerance, 0}
+local base = tat - now
+local k = math.floor((tolerance - base) / interval)
+if k > n then k = n end
+if k < 0 then k = 0 end
+if k > 0 then
+  local new_tat = tat + k * interval
+  redis.call('HSET', KEYS[1], 't', string.format('%.0f', new_tat), 'i', string.format('%.0f', interval))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((new_tat - now) / 1000) + 1000)
 end
-if ARGV[3] == '1' then
-  return {1, new_tat - now, 0, math.floor((tolerance - (new_tat - now)) / interval)}
-end
-redis.call('HSET', KEYS[1], 't', string.format('%.0f', new_tat), 'i', string.format('%.0f', interval))
-redis.call('PEXPIRE', KEYS[1], math.ceil((new_tat - now) / 1000) + 1000)
-return {1, new_tat - now, 0, math.floor((tolerance - (new_tat - now)) / interval)}
+return {k, base}
 "#;
 
 /// The limiter's Redis side, shared by the worker threads of one process.
@@ -107,19 +118,67 @@ impl RedisLimits {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// One unit of `need.quota` for `need.account`. `conn` is the calling
-    /// thread's connection, set up here on first use.
-    pub async fn check(&self, conn: &mut Option<AsyncConn>, need: &QuotaNeed) -> Answer {
-        let now = self.clock_us();
-        if let Some(cached) = self.cached_refusal(need.account, now) {
+    /// One unit of `need.quota` for `need.account`, batched with the
+    /// thread's other decisions for that account (see [`Lanes`]). `conn`
+    /// is the thread's connection, set up here on first use.
+    pub async fn check(
+        &self,
+        lanes: &Lanes,
+        conn: &RefCell<Option<AsyncConn>>,
+        need: &QuotaNeed,
+    ) -> Answer {
+        if let Some(cached) = self.cached_refusal(need.account, self.clock_us()) {
             return Answer::DenyCache(cached);
         }
-        if now < self.open_until_us.load(Ordering::Relaxed) {
+        if self.breaker_open() {
+            return Answer::Unavailable;
+        }
+        let key = (
+            need.account,
+            need.quota.interval_us(),
+            need.quota.tolerance_us(),
+        );
+        let (batch, j) = lanes.join(key);
+        let reply = if j == 1 {
+            lanes.lead(key, &batch, |n| self.call(conn, need, n)).await
+        } else {
+            batch.wait().await
+        };
+        let Reply::Granted {
+            granted,
+            base_us,
+            at_us,
+        } = reply
+        else {
+            return Answer::Unavailable;
+        };
+        let outcome = unit(&need.quota, granted, base_us, j);
+        if !outcome.allowed {
+            // Exactly when Redis would grant the next unit (on this
+            // process's clock, from when the answer came).
+            let ahead = base_us + granted * need.quota.interval_us();
+            let retry_us =
+                (ahead + need.quota.interval_us()).saturating_sub(need.quota.tolerance_us());
+            self.remember_refusal(need.account, at_us + retry_us, outcome);
+        }
+        Answer::Redis(outcome)
+    }
+
+    fn breaker_open(&self) -> bool {
+        let open = self.clock_us() < self.open_until_us.load(Ordering::Relaxed);
+        if open {
             METRICS
                 .redis_calls
                 .with_label_values(&["gcra", "skipped"])
                 .inc();
-            return Answer::Unavailable;
+        }
+        open
+    }
+
+    /// One script call for `n` units.
+    async fn call(&self, conn: &RefCell<Option<AsyncConn>>, need: &QuotaNeed, n: u64) -> Reply {
+        if self.breaker_open() {
+            return Reply::Failed;
         }
         let key = format!(
             "{}:limit:{{{:032x}}}",
@@ -127,17 +186,23 @@ impl RedisLimits {
         );
         let mut call = self.script.key(key);
         call.arg(need.quota.interval_us())
-            .arg(need.quota.tolerance_us());
+            .arg(need.quota.tolerance_us())
+            .arg(n);
+        let mut c = conn.borrow().clone();
+        let had = c.is_some();
         let started = Instant::now();
         let answer = tokio::time::timeout(self.settings.timeout, async {
-            if conn.is_none() {
-                *conn = Some(AsyncConn::open(&self.settings).await?);
+            if c.is_none() {
+                c = Some(AsyncConn::open(&self.settings).await?);
             }
-            let conn = conn.as_mut().expect("just set");
-            call.invoke_async::<(i64, i64, i64, i64)>(conn).await
+            let c = c.as_mut().expect("just set");
+            call.invoke_async::<(u64, u64)>(c).await
         })
         .await;
-        let (allowed, reset_us, retry_us, remaining) = match answer {
+        if !had && c.is_some() {
+            *conn.borrow_mut() = c;
+        }
+        let (granted, base_us) = match answer {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => return self.failed("error", &e.to_string()),
             Err(_) => return self.failed("timeout", "no answer in time"),
@@ -150,14 +215,14 @@ impl RedisLimits {
             tracing::info!("Redis answers again");
         }
         METRICS.state_up.set(1);
-        let outcome = outcome(&need.quota, allowed, reset_us, retry_us, remaining);
-        if !outcome.allowed {
-            self.remember_refusal(need.account, now + retry_us.max(0) as u64, outcome);
+        Reply::Granted {
+            granted,
+            base_us,
+            at_us: self.clock_us(),
         }
-        Answer::Redis(outcome)
     }
 
-    fn failed(&self, outcome: &str, why: &str) -> Answer {
+    fn failed(&self, outcome: &str, why: &str) -> Reply {
         METRICS
             .redis_calls
             .with_label_values(&["gcra", outcome])
@@ -170,7 +235,7 @@ impl RedisLimits {
                 "Redis call failed; rate limits follow on_error_limits until it answers"
             );
         }
-        Answer::Unavailable
+        Reply::Failed
     }
 
     fn cached_refusal(&self, account: AccountId, now: u64) -> Option<Outcome> {
@@ -196,23 +261,287 @@ impl RedisLimits {
     }
 }
 
-/// The script's answer as an [`Outcome`].
-pub fn outcome(
-    quota: &Quota,
-    allowed: i64,
-    reset_us: i64,
-    retry_us: i64,
-    remaining: i64,
-) -> Outcome {
-    Outcome {
-        allowed: allowed == 1,
-        limit: quota.limit.get(),
-        remaining: remaining.clamp(0, i64::from(u32::MAX)) as u32,
-        reset_secs: secs_ceil(reset_us),
-        retry_after_secs: secs_ceil(retry_us),
+/// What one call answered.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Granted {
+        granted: u64,
+        base_us: u64,
+        /// When the answer came, on the process clock.
+        at_us: u64,
+    },
+    Failed,
+}
+
+type LaneKey = (AccountId, u64, u64);
+
+/// One proxy thread's decisions in flight, by account and quota: a group
+/// commit. The first decision for an account opens a batch and leads it;
+/// those arriving while the account's previous call is in flight join the
+/// open batch, whose leader then asks for all of them in one call.
+#[derive(Default)]
+pub struct Lanes {
+    lanes: RefCell<HashMap<LaneKey, Lane>>,
+}
+
+#[derive(Default)]
+struct Lane {
+    /// A call for this account is in flight.
+    busy: bool,
+    idle: Rc<Notify>,
+    /// The batch new decisions join.
+    open: Option<Rc<Batch>>,
+}
+
+#[derive(Default)]
+struct Batch {
+    members: Cell<u64>,
+    reply: Cell<Option<Reply>>,
+    done: Notify,
+}
+
+impl Batch {
+    async fn wait(&self) -> Reply {
+        loop {
+            // Registered before the check: no wake-up can fall in between.
+            let done = self.done.notified();
+            if let Some(reply) = self.reply.get() {
+                return reply;
+            }
+            done.await;
+        }
     }
+}
+
+impl Lanes {
+    /// Join the open batch for `key`, or open one; returns it and this
+    /// decision's place in it (1 leads).
+    fn join(&self, key: LaneKey) -> (Rc<Batch>, u64) {
+        let mut lanes = self.lanes.borrow_mut();
+        let lane = lanes.entry(key).or_default();
+        let batch = lane.open.get_or_insert_with(Rc::default).clone();
+        batch.members.set(batch.members.get() + 1);
+        let place = batch.members.get();
+        (batch, place)
+    }
+
+    /// Wait for the lane, close the batch, make its call, hand out the reply.
+    async fn lead<F, Fut>(&self, key: LaneKey, batch: &Rc<Batch>, call: F) -> Reply
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Reply>,
+    {
+        loop {
+            let idle = {
+                let lanes = self.lanes.borrow();
+                let lane = &lanes[&key];
+                if !lane.busy {
+                    break;
+                }
+                lane.idle.clone()
+            };
+            let notified = idle.notified();
+            // Re-checked: the lane may have gone idle since the borrow.
+            if !self.lanes.borrow()[&key].busy {
+                break;
+            }
+            notified.await;
+        }
+        let n = {
+            let mut lanes = self.lanes.borrow_mut();
+            let lane = lanes.get_mut(&key).expect("a lane with an open batch");
+            lane.busy = true;
+            if lane.open.as_ref().is_some_and(|b| Rc::ptr_eq(b, batch)) {
+                lane.open = None;
+            }
+            batch.members.get()
+        };
+        // Releases the lane and the batch even if this future is dropped.
+        let release = Release {
+            lanes: self,
+            key,
+            batch,
+        };
+        let reply = call(n).await;
+        batch.reply.set(Some(reply));
+        drop(release);
+        reply
+    }
+}
+
+struct Release<'a> {
+    lanes: &'a Lanes,
+    key: LaneKey,
+    batch: &'a Rc<Batch>,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if self.batch.reply.get().is_none() {
+            self.batch.reply.set(Some(Reply::Failed));
+        }
+        self.batch.done.notify_waiters();
+        let mut lanes = self.lanes.lanes.borrow_mut();
+        if let Some(lane) = lanes.get_mut(&self.key) {
+            lane.busy = false;
+            lane.idle.notify_waiters();
+            if lane.open.is_none() {
+                lanes.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The answer for the `j`-th (1-based) of the units a call asked for, of
+/// which the first `granted` passed, the TAT having been `base_us` ahead.
+pub fn unit(quota: &Quota, granted: u64, base_us: u64, j: u64) -> Outcome {
+    let interval = quota.interval_us();
+    let tolerance = quota.tolerance_us();
+    if j <= granted {
+        let ahead = base_us + j * interval;
+        Outcome {
+            allowed: true,
+            limit: quota.limit.get(),
+            remaining: (tolerance.saturating_sub(ahead) / interval).min(u64::from(u32::MAX)) as u32,
+            reset_secs: secs_ceil(ahead as i64),
+            retry_after_secs: 0,
+        }
+    } else {
+        let ahead = base_us + granted * interval;
+        Outcome {
+            allowed: false,
+            limit: quota.limit.get(),
+            remaining: 0,
+            reset_secs: secs_ceil(ahead as i64),
+            retry_after_secs: secs_ceil((ahead + interval).saturating_sub(tolerance) as i64),
+        }
+    }
+}
+
+/// What a look (n = 0) says of the next unit.
+pub fn look(quota: &Quota, base_us: u64) -> Outcome {
+    let fits = base_us + quota.interval_us() <= quota.tolerance_us();
+    unit(quota, u64::from(fits), base_us, 1)
 }
 
 fn secs_ceil(us: i64) -> u64 {
     (us.max(0) as u64).div_ceil(1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::Limiter;
+    use std::num::NonZeroU32;
+
+    fn quota(limit: u32, burst: u32) -> Quota {
+        Quota::new(
+            NonZeroU32::new(limit).unwrap(),
+            Duration::from_secs(60),
+            NonZeroU32::new(burst).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_batch_answers_as_the_same_requests_one_by_one() {
+        let now = 1_780_000_000_000_000;
+        for (limit, burst, spent, n) in [(5, 5, 2, 6), (5, 5, 0, 1), (100, 10, 9, 4), (7, 3, 3, 2)]
+        {
+            let q = quota(limit, burst);
+            let local = Limiter::new();
+            for _ in 0..spent {
+                local.check(1, &q, now);
+            }
+            // What the script computes from the same state.
+            let base = spent * q.interval_us();
+            let granted = ((q.tolerance_us() - base) / q.interval_us()).min(n);
+            assert_eq!(look(&q, base), local.peek(1, &q, now), "look");
+            for j in 1..=n {
+                assert_eq!(
+                    unit(&q, granted, base, j),
+                    local.check(1, &q, now),
+                    "limit {limit} burst {burst} spent {spent}: unit {j} of {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn decisions_arriving_during_a_call_go_together_in_the_next() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let lanes = Rc::new(Lanes::default());
+            let calls = Rc::new(RefCell::new(Vec::new()));
+            let key = (7, 1, 1);
+            let decide = |lanes: Rc<Lanes>, calls: Rc<RefCell<Vec<u64>>>| async move {
+                let (batch, j) = lanes.join(key);
+                let reply = if j == 1 {
+                    let call = |n| {
+                        let calls = calls.clone();
+                        async move {
+                            calls.borrow_mut().push(n);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Reply::Granted {
+                                granted: n,
+                                base_us: 0,
+                                at_us: 0,
+                            }
+                        }
+                    };
+                    lanes.lead(key, &batch, call).await
+                } else {
+                    batch.wait().await
+                };
+                (j, reply)
+            };
+            let first = tokio::task::spawn_local(decide(lanes.clone(), calls.clone()));
+            tokio::task::yield_now().await;
+            // Nine more while the first call is in flight.
+            let rest: Vec<_> = (0..9)
+                .map(|_| tokio::task::spawn_local(decide(lanes.clone(), calls.clone())))
+                .collect();
+            let (j, _) = first.await.unwrap();
+            assert_eq!(j, 1);
+            let mut places = Vec::new();
+            for r in rest {
+                let (j, reply) = r.await.unwrap();
+                assert!(
+                    matches!(reply, Reply::Granted { granted: 9, .. }),
+                    "{reply:?}"
+                );
+                places.push(j);
+            }
+            places.sort();
+            assert_eq!(places, (1..=9).collect::<Vec<u64>>());
+            assert_eq!(*calls.borrow(), vec![1, 9], "two calls for ten decisions");
+            assert!(
+                lanes.lanes.borrow().is_empty(),
+                "the lane is dropped when idle"
+            );
+        });
+    }
+
+    #[test]
+    fn a_dropped_leader_fails_its_batch_instead_of_stranding_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let lanes = Lanes::default();
+            let key = (1, 1, 1);
+            let (batch, j) = lanes.join(key);
+            assert_eq!(j, 1);
+            let (member, k) = lanes.join(key);
+            assert_eq!(k, 2);
+            let never = lanes.lead(key, &batch, |_| std::future::pending::<Reply>());
+            let _ = tokio::time::timeout(Duration::from_millis(10), never).await;
+            assert!(matches!(member.wait().await, Reply::Failed));
+            assert!(lanes.lanes.borrow().is_empty());
+        });
+    }
 }

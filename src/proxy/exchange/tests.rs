@@ -32,6 +32,7 @@ fn worker(upstream_port: u16, state: &std::path::Path) -> Rc<Worker> {
             fleet: None,
         }),
         redis: Default::default(),
+        lanes: Default::default(),
         pool: Pool::new(),
         draining: Cell::new(false),
         drain: Notify::new(),
