@@ -285,3 +285,17 @@ print(f"| keygate-jwt (embedded) | {emb:.0f} µs |")
 print(f"| keygate-redis | {red:.0f} µs |")
 print(f"| added by Redis | {red - emb:.0f} µs |")
 PY
+
+# Redis calls per decision in the keygate-redis runs (batching: concurrent
+# decisions for one account on one thread share a call).
+curl -s "http://127.0.0.1:$ADMINR/metrics" | python3 -c '
+import re, sys
+m = sys.stdin.read()
+def val(pat):
+    return sum(float(x) for x in re.findall(pat + r" ([0-9.e+]+)", m))
+calls = val(r"keygate_redis_calls_total\{op=\"gcra\",outcome=\"ok\"\}")
+decisions = val(r"keygate_limit_decisions_total\{source=\"redis\"\}")
+print()
+print(f"keygate-redis: {decisions:,.0f} decisions from Redis in {calls:,.0f} calls "
+      f"= {calls / max(decisions, 1):.3f} calls per decision")
+'

@@ -33,6 +33,7 @@ pub struct Metrics {
     /// once: a limited request does no label lookup.
     pub limit_decisions: LimitDecisions,
     pub state_up: IntGauge,
+    pub redis_breaker_open: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
     pub config_last_reload_success_timestamp: IntGauge,
@@ -147,6 +148,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "1 while the state store answers (always 1 for the embedded store), 0 while Redis does not."
         )
         .expect("register keygate_state_up"),
+        redis_breaker_open: register_int_gauge!(
+            "keygate_redis_breaker_open",
+            "1 after a failed Redis call: limit decisions skip Redis for 250 ms at a time until a call succeeds."
+        )
+        .expect("register keygate_redis_breaker_open"),
         upstream_errors: register_int_counter_vec!(
             "keygate_upstream_errors_total",
             "Requests that failed at the upstream, by kind (connect, timeout, other).",

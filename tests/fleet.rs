@@ -186,7 +186,11 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
     let upstream = Upstream::start();
     let policy = config_with_passwords();
     let with = |choice: &str| {
-        let state = format!("timeout = \"100ms\"\non_error_limits = \"{choice}\"");
+        let mut state = format!("timeout = \"100ms\"\non_error_limits = \"{choice}\"");
+        if choice == "local" {
+            // The fallback grants each of 4 sidecars a quarter of the quota.
+            state.push_str("\nfleet_size = 4");
+        }
         Keygate::start(&with_state(&policy, &redis.url(), &state), upstream.port)
     };
     let (closed, open, local) = (with("closed"), with("open"), with("local"));
@@ -213,6 +217,17 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
         assert_eq!(status, 200);
         assert!(took < Duration::from_secs(1), "waited {took:?}");
     }
+    let r = client()
+        .get(local.url("/v1/vms"))
+        .header("X-API-Key", KEY_DANA)
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-ratelimit-limit"],
+        "25",
+        "100 an hour / fleet_size 4"
+    );
+    assert_eq!(closed.metric("keygate_redis_breaker_open"), 1.0);
     // Refresh, revoke and login fail closed, within the timeout.
     let started = Instant::now();
     let (status, code) = refresh(&open, &refresh_token);

@@ -57,6 +57,7 @@ pub struct State {
     pub timeout: Option<Str>,
     pub connect_timeout: Option<Str>,
     pub on_error_limits: Option<Str>,
+    pub fleet_size: Option<Spanned<i64>>,
     pub tls_ca_file: Option<Str>,
 }
 

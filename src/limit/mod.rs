@@ -55,6 +55,13 @@ impl Quota {
         self.interval_us
     }
 
+    /// This quota shared out among `n` (each gets 1/n of the limit and
+    /// burst, at least 1): a fleet's local fallback.
+    pub fn divided(&self, n: NonZeroU32) -> Quota {
+        let part = |v: NonZeroU32| NonZeroU32::new(v.get() / n.get()).unwrap_or(NonZeroU32::MIN);
+        Quota::new(part(self.limit), self.period, part(self.burst))
+    }
+
     /// How far ahead of now the TAT may run: `burst` intervals.
     pub fn tolerance_us(&self) -> u64 {
         self.interval_us * u64::from(self.burst.get())

@@ -176,3 +176,16 @@ fn peek_answers_without_counting() {
     assert!(!o.allowed);
     assert_eq!(o.retry_after_secs, 1800);
 }
+
+#[test]
+fn a_divided_quota_keeps_the_period_and_never_reaches_zero() {
+    let n = |v| NonZeroU32::new(v).unwrap();
+    let q = Quota::new(n(100), Duration::from_secs(3600), n(10));
+    let share = q.divided(n(4));
+    assert_eq!(
+        (share.limit.get(), share.burst.get(), share.period),
+        (25, 2, q.period)
+    );
+    let tiny = Quota::new(n(3), Duration::from_secs(60), n(1)).divided(n(8));
+    assert_eq!((tiny.limit.get(), tiny.burst.get()), (1, 1));
+}

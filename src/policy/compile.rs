@@ -211,10 +211,12 @@ impl Cx<'_> {
                     &s.tls_ca_file,
                 ])
                 .flatten()
+                .map(|f| f.span())
+                .chain(s.fleet_size.as_ref().map(|f| f.span()))
                 .next();
-            if let Some(field) = redis_only {
+            if let Some(span) = redis_only {
                 self.d
-                    .error(field.span(), "this setting is for backend = \"redis\"");
+                    .error(span, "this setting is for backend = \"redis\"");
             }
             return Some(StateBackend::Embedded);
         }
@@ -334,6 +336,10 @@ impl Cx<'_> {
             timeout: self.duration_or(s.timeout.as_ref(), Duration::from_millis(25)),
             connect_timeout: self.duration_or(s.connect_timeout.as_ref(), Duration::from_secs(1)),
             on_error_limits,
+            fleet_size: s
+                .fleet_size
+                .as_ref()
+                .map_or(NonZeroU32::MIN, |n| self.count(n, "fleet_size")),
         })))
     }
 

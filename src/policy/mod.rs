@@ -244,6 +244,10 @@ pub struct RedisSettings {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub on_error_limits: OnError,
+    /// With `on_error_limits = "local"`, each sidecar's fallback limiter
+    /// grants quota / fleet_size (at least 1), so the fleet as a whole stays
+    /// near the tier's limit while Redis is away.
+    pub fleet_size: std::num::NonZeroU32,
 }
 
 impl PartialEq for RedisSettings {
@@ -251,8 +255,17 @@ impl PartialEq for RedisSettings {
     fn eq(&self, o: &Self) -> bool {
         (&self.url, &self.password, &self.tls_ca, &self.key_prefix)
             == (&o.url, &o.password, &o.tls_ca, &o.key_prefix)
-            && (self.timeout, self.connect_timeout, self.on_error_limits)
-                == (o.timeout, o.connect_timeout, o.on_error_limits)
+            && (
+                self.timeout,
+                self.connect_timeout,
+                self.on_error_limits,
+                self.fleet_size,
+            ) == (
+                o.timeout,
+                o.connect_timeout,
+                o.on_error_limits,
+                o.fleet_size,
+            )
     }
 }
 

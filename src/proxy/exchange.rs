@@ -224,6 +224,11 @@ impl Worker {
             Answer::Redis(o) => (&counted.redis, Some(o)),
             Answer::DenyCache(o) => (&counted.deny_cache, Some(o)),
             Answer::Unavailable => match fleet.settings.on_error_limits {
+                OnError::Local if fleet.settings.fleet_size.get() > 1 => {
+                    let share = need.quota.divided(fleet.settings.fleet_size);
+                    let outcome = self.shared.limiter.check(need.account, &share, now_us);
+                    (&counted.fallback_local, Some(outcome))
+                }
                 OnError::Local => (&counted.fallback_local, Some(local())),
                 OnError::Open => {
                     let open = Outcome {

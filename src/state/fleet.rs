@@ -212,6 +212,7 @@ impl RedisLimits {
             .observe(started.elapsed().as_secs_f64());
         METRICS.redis_calls.with_label_values(&["gcra", "ok"]).inc();
         if self.open_until_us.swap(0, Ordering::Relaxed) != 0 {
+            METRICS.redis_breaker_open.set(0);
             tracing::info!("Redis answers again");
         }
         METRICS.state_up.set(1);
@@ -228,6 +229,7 @@ impl RedisLimits {
             .with_label_values(&["gcra", outcome])
             .inc();
         METRICS.state_up.set(0);
+        METRICS.redis_breaker_open.set(1);
         let until = self.clock_us() + BREAKER_OPEN.as_micros() as u64;
         if self.open_until_us.swap(until, Ordering::Relaxed) == 0 {
             tracing::warn!(
