@@ -256,11 +256,15 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
 
     // Back: decisions go to Redis again within about a second.
     redis.thaw();
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let thawed = Instant::now();
     while get(&closed).0 != 200 {
-        assert!(Instant::now() < deadline, "keygate did not recover");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            thawed.elapsed() < Duration::from_secs(1),
+            "keygate did not recover within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
+    eprintln!("recovered {:?} after Redis came back", thawed.elapsed());
     assert_eq!(closed.metric("keygate_state_up"), 1.0);
     assert_eq!(refresh(&local, &refresh_token).0, 200, "the token survived");
 
