@@ -6,6 +6,8 @@
 #   haproxy-jwt     HAProxy 2.6: jwt_verify HS256 + exp check + stick-table rate per sub
 #   keygate-jwt     keygate, HS256 JWT, limited tier (limiter active)
 #   keygate-apikey  keygate, API key, same account
+#   nginx-proxy-log nginx-proxy with its access_log on (combined, to a file)
+#   keygate-jwt-log keygate-jwt with access = "json" (stdout to a file)
 #   keygate-redis   keygate-jwt with its limits in a local redis-server
 #                   ([state] backend = "redis"): one Redis call per request
 #   pingora-bare    pingora 0.9 proxying with no logic at all
@@ -47,6 +49,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(port); KG=$(port); ADMIN=$(port); NGX=$(port); HAP=$(port); BARE=$(port); HYP=$(port)
 KGR=$(port); ADMINR=$(port); RDS=$(port)
+NGXL=$(port); KGL=$(port); ADMINL=$(port)
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -86,8 +89,14 @@ http {
   }
 }
 NGINX
+# The same, logging every request as nginx does by default.
+mkdir -p "$work/proxylog"
+sed -e "s|127.0.0.1:$NGX|127.0.0.1:$NGXL|" -e "s|$work/proxy/|$work/proxylog/|g" \
+    -e "s|access_log off;|access_log $work/proxylog/access.log combined;|" \
+    "$work/proxy/nginx.conf" > "$work/proxylog/nginx.conf"
 nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
 nginx -c "$work/proxy/nginx.conf" -p "$work/proxy" & pids+=($!)
+nginx -c "$work/proxylog/nginx.conf" -p "$work/proxylog" & pids+=($!)
 
 API_KEY="vmc_load_$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 KEY_SHA=$(printf %s "$API_KEY" | sha256sum | cut -d' ' -f1)
@@ -124,6 +133,10 @@ path = "/v1/vms"
 methods = ["GET"]
 permissions = ["vms:read"]
 TOML
+# The same keygate with its JSON access log on.
+sed -e "s/127.0.0.1:$KG/127.0.0.1:$KGL/" -e "s/127.0.0.1:$ADMIN\"/127.0.0.1:$ADMINL\"/" \
+    -e 's/^access = "off"/access = "json"/' \
+    "$work/keygate.toml" > "$work/keygate-log.toml"
 # The same keygate, its limits in Redis.
 sed -e "s/127.0.0.1:$KG/127.0.0.1:$KGR/" -e "s/127.0.0.1:$ADMIN\"/127.0.0.1:$ADMINR\"/" \
     "$work/keygate.toml" > "$work/keygate-redis.toml"
@@ -174,6 +187,7 @@ frontend fe
 HAPROXY
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
 "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
+"$BIN" run -c "$work/keygate-log.toml" >"$work/keygate-access.log" 2>"$work/keygate-log.log" & pids+=($!)
 redis-server --bind 127.0.0.1 --port "$RDS" --save '' --appendonly no >"$work/redis.log" 2>&1 & pids+=($!)
 sleep 0.3
 "$BIN" run -c "$work/keygate-redis.toml" 2>"$work/keygate-redis.log" & pids+=($!)
@@ -181,6 +195,7 @@ target/release/examples/bare_pingora "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$work/
 target/release/examples/bare_hyper "127.0.0.1:$HYP" "127.0.0.1:$UP" 2>"$work/hyper.log" & pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMINR/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMINL/healthz" >/dev/null && break; sleep 0.1; done
 
 JWT=$(python3 - "$KEYGATE_JWT_SECRET" <<'PY'
 import base64, hashlib, hmac, json, sys, time
@@ -209,14 +224,18 @@ smoke 401 "http://127.0.0.1:$KG/v1/vms" -H "Authorization: Bearer $BAD_JWT"
 smoke 401 "http://127.0.0.1:$HAP/v1/vms"
 smoke 200 "http://127.0.0.1:$HYP/v1/vms"
 smoke 200 "http://127.0.0.1:$KGR/v1/vms" -H "Authorization: Bearer $JWT"
+smoke 200 "http://127.0.0.1:$KGL/v1/vms" -H "Authorization: Bearer $JWT"
+smoke 200 "http://127.0.0.1:$NGXL/v1/vms"
 
 # name|url|header
 targets=(
   "direct|http://127.0.0.1:$UP/v1/vms|"
   "nginx-proxy|http://127.0.0.1:$NGX/v1/vms|"
+  "nginx-proxy-log|http://127.0.0.1:$NGXL/v1/vms|"
   "haproxy-jwt|http://127.0.0.1:$HAP/v1/vms|Authorization: Bearer $JWT"
   "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
+  "keygate-jwt-log|http://127.0.0.1:$KGL/v1/vms|Authorization: Bearer $JWT"
   "keygate-redis|http://127.0.0.1:$KGR/v1/vms|Authorization: Bearer $JWT"
   "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
   "hyper-bare|http://127.0.0.1:$HYP/v1/vms|"
@@ -238,13 +257,13 @@ done
 
 args=()
 for m in rps p50 p99; do
-  for n in direct nginx-proxy haproxy-jwt keygate-jwt keygate-apikey keygate-redis pingora-bare hyper-bare; do
+  for n in direct nginx-proxy nginx-proxy-log haproxy-jwt keygate-jwt keygate-apikey keygate-jwt-log keygate-redis pingora-bare hyper-bare; do
     eval "args+=(\"\${$m[$n]}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-redis", "pingora-bare", "hyper-bare"]
+names = ["direct", "nginx-proxy", "nginx-proxy-log", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-jwt-log", "keygate-redis", "pingora-bare", "hyper-bare"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
@@ -260,6 +279,9 @@ print("| target | req/s | p50 ms | p99 ms | vs nginx-proxy | vs haproxy-jwt |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for n in names:
     print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {rps[n] / rps['nginx-proxy']:.2f}x | {rps[n] / rps['haproxy-jwt']:.2f}x |")
+print()
+print(f"access log on: keygate-jwt-log = {rps['keygate-jwt-log'] / rps['keygate-jwt']:.2f}x keygate-jwt (log off), "
+      f"{rps['keygate-jwt-log'] / rps['nginx-proxy-log']:.2f}x nginx-proxy-log")
 PY
 
 # What Redis adds to one request: one connection, interleaved rounds.

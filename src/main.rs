@@ -3,12 +3,22 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// `keygate --version`: the release, the commit and the compiler.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KEYGATE_GIT_COMMIT"),
+    ", ",
+    env!("KEYGATE_RUSTC_VERSION"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "keygate",
-    version,
+    version = VERSION,
     about = "Authenticating reverse-proxy sidecar"
 )]
 struct Cli {
@@ -20,29 +30,61 @@ struct Cli {
 enum Command {
     /// Serve (config: -c FILE, else $KEYGATE_CONFIG, else ./keygate.toml)
     Run {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Validate a configuration file and print a summary; exit 1 on any error
     Check {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The file, as an alternative to -c
         #[arg(value_name = "FILE", conflicts_with = "config")]
         file: Option<PathBuf>,
+        /// text (file:line:col: message lines) or json (one object on stdout)
+        #[arg(long, value_enum, default_value_t = keygate::cli::Format::Text)]
+        format: keygate::cli::Format,
+        /// Warnings fail the check too (exit 1)
+        #[arg(long)]
+        strict: bool,
+        /// Check without production secrets: unset environment variables get placeholders
+        /// and are listed (files named by *_file must still exist)
+        #[arg(long)]
+        no_secrets: bool,
     },
     /// Print a fresh API key once, and the [[api_keys]] lines (with its hash) to paste
+    ///
+    /// The [[api_keys]] block goes to stdout (so `>> keygate.toml` appends just that),
+    /// the key to stderr or --key-file.
     NewApiKey {
+        /// The key's prefix (lets secret scanners recognise it)
         #[arg(long, default_value = "vmc_")]
         prefix: String,
-        /// The id to put in the TOML lines
+        /// The key's id in the policy and the logs (default: key-<first hash digits>)
         #[arg(long)]
         id: Option<String>,
+        /// The owner (email or user id): the key shares the user's tier and quota
+        #[arg(long, conflicts_with = "tier", required_unless_present = "tier")]
+        user: Option<String>,
+        /// The tier of an owner-less key
+        #[arg(long)]
+        tier: Option<String>,
+        /// Permissions of the key (comma-separated; an owned key never holds more than its owner)
+        #[arg(long, value_delimiter = ',')]
+        permissions: Vec<String>,
+        /// Addresses or CIDRs the key may be used from (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        ip_allow: Vec<String>,
+        /// Write the key to this new file (mode 0600) instead of stderr
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Read a password from stdin and print an argon2id PHC string
     HashPassword,
     /// Show how the proxy would decide one request, step by step; exit 0 allow, 1 deny
     Explain {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
         #[arg(long, default_value = "GET")]
@@ -72,8 +114,16 @@ enum Command {
         #[command(subcommand)]
         action: StateAction,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `keygate man > /usr/share/man/man1/keygate.1`
+    Man,
     /// Serve the example configuration with a built-in sample VM API, printing curl lines to try
     Demo {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -83,11 +133,13 @@ enum Command {
 enum StateAction {
     /// Print the store's live records as JSON lines (embedded store; stop keygate first)
     Export {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Write an export into the store this configuration names (embedded or Redis)
     Import {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The export; - or nothing for stdin
@@ -107,14 +159,20 @@ enum WebhookAction {
         #[arg(long)]
         timestamp: Option<String>,
     },
-    /// Check a signature against the payload on stdin; exit 0 valid, 1 invalid
+    /// Check a signature against the payload on stdin; exit 0 valid, 1 invalid, 2 bad arguments
     Verify {
+        /// Environment variable holding the secret
         #[arg(long)]
         secret_env: String,
+        /// The signature header's value (sha256=<hex>)
         #[arg(long)]
         signature: String,
+        /// The timestamp header's value (Unix seconds): it was signed too, and must be recent
         #[arg(long)]
         timestamp: Option<String>,
+        /// How far --timestamp may be from now (the webhook path's `tolerance`)
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        tolerance: std::time::Duration,
     },
 }
 
@@ -122,10 +180,38 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => keygate::cli::run(&keygate::cli::config_path(config)),
-        Command::Check { config, file } => {
-            keygate::cli::check(&keygate::cli::config_path(config.or(file)))
-        }
-        Command::NewApiKey { prefix, id } => keygate::cli::new_api_key(&prefix, id.as_deref()),
+        Command::Check {
+            config,
+            file,
+            format,
+            strict,
+            no_secrets,
+        } => keygate::cli::check(
+            &keygate::cli::config_path(config.or(file)),
+            format,
+            strict,
+            no_secrets,
+        ),
+        Command::NewApiKey {
+            prefix,
+            id,
+            user,
+            tier,
+            permissions,
+            ip_allow,
+            key_file,
+        } => keygate::cli::new_api_key(
+            &keygate::cli::NewKey {
+                prefix: &prefix,
+                id: id.as_deref(),
+                user: user.as_deref(),
+                tier: tier.as_deref(),
+                permissions: &permissions,
+                ip_allow: &ip_allow,
+                key_file: key_file.as_deref(),
+            },
+            &mut std::io::stdout().lock(),
+        ),
         Command::HashPassword => keygate::cli::hash_password(),
         Command::Webhook {
             action:
@@ -140,10 +226,16 @@ fn main() -> ExitCode {
                     secret_env,
                     signature,
                     timestamp,
+                    tolerance,
                 },
         } => {
-            return match keygate::cli::webhook_verify(&secret_env, &signature, timestamp.as_deref())
-            {
+            let verdict = keygate::cli::webhook_verify(
+                &secret_env,
+                &signature,
+                timestamp.as_deref(),
+                tolerance,
+            );
+            return match verdict {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -187,6 +279,18 @@ fn main() -> ExitCode {
         Command::State {
             action: StateAction::Import { config, input },
         } => keygate::cli::state::import(&keygate::cli::config_path(config), input.as_deref()),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "keygate",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
         Command::Demo { config } => keygate::cli::demo::run(config),
     };
     match result {

@@ -14,6 +14,8 @@ use prometheus::{
 pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    pub added_latency: Histogram,
+    pub access_log_dropped: IntCounter,
     pub upstream_duration: HistogramVec,
     pub gate_duration: Histogram,
     pub auth_denials: IntCounterVec,
@@ -65,11 +67,17 @@ impl LimitDecisions {
     }
 }
 
-/// Latency buckets from 100 µs to 10 s: a sidecar's own overhead sits at the
+/// Latency buckets from 25 µs to 10 s: a sidecar's own overhead sits at the
 /// bottom, slow upstreams at the top.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// What keygate adds to a forwarded request: tens of µs when all is well.
+const ADDED_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_02, 0.000_03, 0.000_05, 0.000_075, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005,
+    0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
 /// The gate decides in micro- to milliseconds (argon2 never runs here).
@@ -93,10 +101,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = Metrics {
         requests: register_int_counter_vec!(
             "keygate_requests_total",
-            "Requests answered, by route pattern, method and status class.",
-            &["route", "method", "status"]
+            "Requests answered, by route pattern, method, status class (status=\"2xx\") and status code (code=\"200\").",
+            &["route", "method", "status", "code"]
         )
         .expect("register keygate_requests_total"),
+        added_latency: register_histogram!(
+            "keygate_added_latency_seconds",
+            "Time keygate itself adds to a forwarded request: its total time minus the upstream's (request sent to answer head received).",
+            ADDED_BUCKETS.to_vec()
+        )
+        .expect("register keygate_added_latency_seconds"),
+        access_log_dropped: register_int_counter!(
+            "keygate_access_log_dropped_total",
+            "Access log lines dropped because the writer's queue was full (a request never waits for the log)."
+        )
+        .expect("register keygate_access_log_dropped_total"),
         request_duration: register_histogram_vec!(
             "keygate_request_duration_seconds",
             "Time from request headers received to response finished, by route pattern.",
@@ -234,15 +253,82 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         build_info: register_int_gauge_vec!(
             "keygate_build_info",
             "Always 1; the labels name the running build.",
-            &["version"]
+            &["version", "commit", "rustc"]
         )
         .expect("register keygate_build_info"),
     };
     m.build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .with_label_values(&[
+            env!("CARGO_PKG_VERSION"),
+            env!("KEYGATE_GIT_COMMIT"),
+            env!("KEYGATE_RUSTC_VERSION"),
+        ])
         .set(1);
+    zero_known_series(&m);
+    // process_cpu_seconds_total, process_resident_memory_bytes,
+    // process_open_fds, process_start_time_seconds, …
+    let _ = prometheus::register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ));
     m
 });
+
+/// Create every series whose labels are known in advance, at 0, so that
+/// `rate()` and `increase()` work before the first event.
+fn zero_known_series(m: &Metrics) {
+    for code in crate::gate::Denial::CODES
+        .iter()
+        .chain(["invalid_signature", "method_not_allowed"].iter())
+    {
+        m.auth_denials.with_label_values(&[code]);
+    }
+    for kind in ["connect", "timeout", "other"] {
+        m.upstream_errors.with_label_values(&[kind]);
+    }
+    for result in ["success", "failure"] {
+        m.config_reloads.with_label_values(&[result]);
+    }
+    for grant in ["password", "refresh_token"] {
+        m.tokens_issued.with_label_values(&[grant]);
+    }
+    for op in ["write", "evict", "purge"] {
+        m.state_errors.with_label_values(&[op]);
+    }
+    for outcome in ["ok", "error", "timeout", "skipped"] {
+        m.redis_calls.with_label_values(&["gcra", outcome]);
+    }
+}
+
+/// Series named by the policy (tiers, webhook paths), at 0; called on
+/// every (re)load.
+pub fn zero_policy_series(policy: &crate::policy::Policy) {
+    let m = &*METRICS;
+    for tier in &policy.tiers {
+        m.rate_limited.with_label_values(&[&tier.name]);
+    }
+    for hook in &policy.webhooks {
+        for result in [
+            "valid",
+            "mismatch",
+            "malformed",
+            "missing",
+            "stale",
+            "too_large",
+        ] {
+            m.webhook_verifications
+                .with_label_values(&[&hook.path, result]);
+        }
+    }
+}
+
+/// `200`, `404`, … as a static label (status codes are 100–599).
+pub fn status_code(status: u16) -> &'static str {
+    static CODES: LazyLock<Vec<String>> =
+        LazyLock::new(|| (0..600).map(|c| c.to_string()).collect());
+    CODES
+        .get(usize::from(status))
+        .map_or("other", String::as_str)
+}
 
 /// A bounded label for an HTTP method.
 pub fn method_label(method: &http::Method) -> &'static str {

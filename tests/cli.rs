@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{client, free_port, sha256_hex};
+use support::{client, config, free_port, sha256_hex, Keygate, Upstream, HS_SECRET};
 
 fn keygate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keygate"))
@@ -97,26 +97,90 @@ fn check_without_the_secret_says_which_variable_is_missing() {
 }
 
 #[test]
-fn new_api_key_prints_a_key_and_the_lines_that_accept_it() {
+fn new_api_key_appended_with_shell_redirection_gives_a_policy_that_accepts_the_key() {
+    let upstream = Upstream::start();
+    let kg = Keygate::start(&config(), upstream.port);
+    let path = kg.config_path();
+    let before = std::fs::read_to_string(&path).unwrap();
+    let key_file = kg.dir.path().join("build-bot.key");
+    // `keygate new-api-key … >> keygate.toml`: stdout is the block alone.
     let out = keygate()
         .args(["new-api-key", "--prefix", "acme_", "--id", "build-bot"])
+        .args(["--tier", "pro", "--permissions", "vms:read,vms:write"])
+        .args(["--ip-allow", "127.0.0.1/32", "--key-file"])
+        .arg(&key_file)
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let key = stdout.lines().next().unwrap();
-    assert!(key.starts_with("acme_") && key.len() >= 5 + 43, "{key}");
-    assert!(stdout.contains("id = \"build-bot\""));
-    assert!(stdout.contains(&format!("sha256 = \"{}\"", sha256_hex(key))));
-    let again = keygate().arg("new-api-key").output().unwrap();
-    assert_ne!(
-        String::from_utf8(again.stdout)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-        key
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let block = String::from_utf8(out.stdout).unwrap();
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(key.starts_with("acme_") && key.len() >= 5 + 43, "{key}");
+    assert!(!block.contains(&key), "the key itself never goes to stdout");
+    assert!(
+        block.contains(&format!("sha256 = \"{}\"", sha256_hex(&key))),
+        "{block}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    std::fs::write(&path, before + &block).unwrap();
+    let check = keygate()
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("KEYGATE_TEST_HS", HS_SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // The running keygate picks the file up and accepts the key.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = client()
+            .get(kg.url("/v1/vms"))
+            .header("X-API-Key", &key)
+            .send()
+            .unwrap()
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // Without --key-file the key goes to stderr; two keys never repeat.
+    let a = keygate()
+        .args(["new-api-key", "--user", "alice@example.com"])
+        .output()
+        .unwrap();
+    let b = keygate()
+        .args(["new-api-key", "--user", "alice@example.com"])
+        .output()
+        .unwrap();
+    assert!(a.status.success());
+    let key_of = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .find(|l| l.starts_with("vmc_"))
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(key_of(&a), key_of(&b));
+    assert!(String::from_utf8_lossy(&a.stdout).contains("user = \"alice@example.com\""));
+    // A key with neither owner nor tier would fail `check`: refused here.
+    let none = keygate().arg("new-api-key").output().unwrap();
+    assert_eq!(none.status.code(), Some(2), "clap refuses it");
+    assert!(none.stdout.is_empty());
 }
 
 #[test]

@@ -495,14 +495,22 @@ fn admin_listener_serves_health_readiness_and_metrics() {
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["policy"]["users"], 4);
     assert_eq!(
-        kg.metric("keygate_requests_total{method=\"GET\",route=\"/v1/status\",status=\"2xx\"}"),
+        kg.metric("keygate_requests_total{code=\"200\",method=\"GET\",route=\"/v1/status\",status=\"2xx\"}"),
         1.0
     );
     assert_eq!(
         kg.metric("keygate_request_duration_seconds_count{route=\"/v1/status\"}"),
         1.0
     );
-    assert_eq!(kg.metric("keygate_build_info{version=\"0.1.0\"}"), 1.0);
+    let text = c.get(kg.admin("/metrics")).send().unwrap().text().unwrap();
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("keygate_build_info{"))
+        .expect("keygate_build_info");
+    assert!(
+        build.contains("version=\"0.1.0\"") && build.ends_with(" 1"),
+        "{build}"
+    );
     assert_eq!(c.get(kg.admin("/nope")).send().unwrap().status(), 404);
 }
 

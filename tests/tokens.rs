@@ -160,7 +160,7 @@ fn malformed_login_requests_are_refused() {
             413,
             "payload_too_large",
         ),
-        (c.get(&url), 400, "invalid_request"),
+        (c.get(&url), 405, "method_not_allowed"),
     ];
     for (i, (request, status, code)) in cases.into_iter().enumerate() {
         assert_eq!(

@@ -62,7 +62,8 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             file
         }
     };
-    if std::env::var_os("KEYGATE_JWT_SECRET").is_none() {
+    let own_secret = std::env::var_os("KEYGATE_JWT_SECRET").is_some();
+    if !own_secret {
         // A fresh secret per demo run; set before any thread exists.
         std::env::set_var("KEYGATE_JWT_SECRET", super::generate_api_key("demo_"));
     }
@@ -90,7 +91,7 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         })?;
     }
 
-    print_walkthrough(&policy)?;
+    print_walkthrough(&policy, own_secret)?;
     let extra: crate::proxy::Extra = Box::new(move |server| {
         let mut api = Service::new("sample VM API".to_string(), SampleVmApi);
         api.add_tcp(&upstream.to_string());
@@ -100,7 +101,7 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     crate::proxy::serve(&path, policy, Some(extra))
 }
 
-fn print_walkthrough(policy: &Policy) -> anyhow::Result<()> {
+fn print_walkthrough(policy: &Policy, own_secret: bool) -> anyhow::Result<()> {
     let base = public_base(policy.server.listen);
     let now = unix_now();
     let user = |email: &str| {
@@ -126,6 +127,7 @@ fn print_walkthrough(policy: &Policy) -> anyhow::Result<()> {
 keygate demo: proxying {base} -> sample VM API at http://{upstream}
 admin: http://{admin}/metrics  /healthz  /readyz
 
+{secret_note}
 Tokens minted for this run (HS256, kid from the example, valid 24 h):
   export ALICE='{alice_token}'
   export BOB='{bob_token}'
@@ -150,6 +152,11 @@ Ctrl-C stops the demo.
 "#,
         upstream = policy.upstream.addr,
         admin = policy.server.admin_listen,
+        secret_note = if own_secret {
+            "JWT secret: KEYGATE_JWT_SECRET from your environment (tokens survive restarts, and\n`KEYGATE_JWT_SECRET=… keygate explain -c config.example.toml --token …` checks them)."
+        } else {
+            "JWT secret: a fresh random one for this run (set KEYGATE_JWT_SECRET to keep tokens\nacross runs and to check them with `keygate explain --token`)."
+        },
         deploy = key("deploy-bot"),
         office = key("office-only"),
     );

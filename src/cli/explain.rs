@@ -12,6 +12,7 @@ use crate::gate::{self, Decision, Denial, RequestFacts};
 use crate::limit::Limiter;
 use crate::policy::{Access, Policy, Rate};
 use crate::proxy::dispatch::{dispatch, Dispatch};
+use crate::proxy::refusal::Refusal;
 
 pub struct Request<'a> {
     pub method: &'a str,
@@ -75,14 +76,15 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
                 ),
             );
             if !endpoint.allows(&method) {
-                let d = Denial::InvalidRequest("method not served by this endpoint");
+                let r = Refusal::MethodNotAllowed(endpoint.allow_header());
                 line(
                     &mut out,
                     "decision",
                     &format!(
-                        "DENY {} {}: {method} is not served here",
-                        d.status(),
-                        d.code()
+                        "DENY {} {}: {method} is not served here (Allow: {})",
+                        r.status(),
+                        r.code(),
+                        endpoint.allow_header()
                     ),
                 );
                 return Ok((out, false));
@@ -362,7 +364,8 @@ mod tests {
         let policy = policy_from("");
         let (text, allowed) = ask(&policy, "GET", "/api/v1/auth/token");
         assert!(!allowed, "{text}");
-        assert!(text.contains("DENY 400"), "{text}");
+        assert!(text.contains("DENY 405 method_not_allowed"), "{text}");
+        assert!(text.contains("Allow: POST"), "{text}");
         assert!(ask(&policy, "POST", "/api/v1/auth/token").1);
     }
 

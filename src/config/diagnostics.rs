@@ -33,6 +33,10 @@ impl fmt::Display for ConfigError {
             Severity::Error => "",
             Severity::Warning => "warning: ",
         };
+        if self.line == 0 {
+            // About the file as a whole.
+            return write!(f, "{}: {}{}", self.file, kind, self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}{}",

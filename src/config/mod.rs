@@ -13,7 +13,7 @@ use serde::Deserialize;
 pub use toml::Spanned;
 
 pub use diagnostics::{ConfigError, Diagnostics, Severity};
-pub use secret::{EnvAndFiles, Fixed, SecretSource};
+pub use secret::{EnvAndFiles, Fixed, Placeholders, SecretSource};
 
 /// A string value together with where it stands in the file.
 pub type Str = Spanned<String>;
@@ -133,6 +133,9 @@ pub struct Server {
     pub upgrades: Option<Vec<Str>>,
     /// `drop` (default) or `refuse` requests with `_` in a header name.
     pub underscore_headers: Option<Str>,
+    /// A bearer token `POST /reload` must carry.
+    pub admin_token_env: Option<Str>,
+    pub admin_token_file: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,6 +34,36 @@ impl SecretSource for EnvAndFiles {
     }
 }
 
+/// `keygate check --no-secrets`: the real environment and files, except
+/// that an unset variable gets a placeholder (long enough for any HMAC
+/// key) and is remembered, so the structure of a production file can be
+/// checked on a machine without its secrets, as `nginx -t` needs none.
+pub struct Placeholders {
+    pub real: EnvAndFiles,
+    pub unset: std::cell::RefCell<Vec<String>>,
+}
+
+impl SecretSource for Placeholders {
+    fn env(&self, name: &str) -> Result<String, String> {
+        match self.real.env(name) {
+            Err(_) if std::env::var_os(name).is_none() => {
+                let mut unset = self.unset.borrow_mut();
+                if !unset.iter().any(|n| n == name) {
+                    unset.push(name.to_string());
+                }
+                Ok(format!(
+                    "keygate-check-placeholder-for-{name}-0123456789abcdef0123456789abcdef"
+                ))
+            }
+            other => other,
+        }
+    }
+
+    fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        self.real.file(path)
+    }
+}
+
 /// A fixed set of variables and files, for tests and for `keygate demo`.
 #[derive(Default)]
 pub struct Fixed {

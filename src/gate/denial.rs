@@ -25,6 +25,20 @@ pub enum Denial {
 }
 
 impl Denial {
+    /// Every code [`Denial::code`] can return (for metrics set up at 0).
+    pub const CODES: [&'static str; 10] = [
+        "invalid_request",
+        "missing_credentials",
+        "invalid_token",
+        "token_expired",
+        "invalid_api_key",
+        "ip_not_allowed",
+        "insufficient_permissions",
+        "forbidden",
+        "rate_limited",
+        "state_unavailable",
+    ];
+
     pub fn status(&self) -> u16 {
         match self {
             Denial::InvalidRequest(_) => 400,

@@ -32,7 +32,8 @@ pub const REFRESH_PREFIX: &str = "rft_";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IssueError {
     InvalidRequest(&'static str),
-    PayloadTooLarge,
+    /// Over this many bytes.
+    PayloadTooLarge(usize),
     InvalidCredentials,
     IpNotAllowed,
     LoginThrottled {
@@ -49,7 +50,7 @@ impl IssueError {
     pub fn status(&self) -> u16 {
         match self {
             IssueError::InvalidRequest(_) => 400,
-            IssueError::PayloadTooLarge => 413,
+            IssueError::PayloadTooLarge(_) => 413,
             IssueError::InvalidCredentials | IssueError::InvalidRefreshToken(_) => 401,
             IssueError::IpNotAllowed => 403,
             IssueError::LoginThrottled { .. } => 429,
@@ -61,7 +62,7 @@ impl IssueError {
     pub fn code(&self) -> &'static str {
         match self {
             IssueError::InvalidRequest(_) => "invalid_request",
-            IssueError::PayloadTooLarge => "payload_too_large",
+            IssueError::PayloadTooLarge(_) => "payload_too_large",
             IssueError::InvalidCredentials => "invalid_credentials",
             IssueError::IpNotAllowed => "ip_not_allowed",
             IssueError::LoginThrottled { .. } => "login_throttled",
@@ -74,8 +75,8 @@ impl IssueError {
     pub fn message(&self) -> String {
         match self {
             IssueError::InvalidRequest(why) => format!("the request is malformed: {why}"),
-            IssueError::PayloadTooLarge => {
-                format!("the request body is larger than {MAX_BODY} bytes")
+            IssueError::PayloadTooLarge(limit) => {
+                format!("the request body is larger than {limit} bytes")
             }
             IssueError::InvalidCredentials => "the email or password is wrong".to_string(),
             IssueError::IpNotAllowed => "requests from this address are not allowed".to_string(),
@@ -119,6 +120,9 @@ pub struct TokenResponse {
     pub expires_at: String,
     pub expires_in: u64,
     pub refresh_token: String,
+    /// Whom the tokens were issued to (for the access log; not sent).
+    #[serde(skip)]
+    pub subject: String,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +236,7 @@ impl Issuer {
         &self,
         policy: &Policy,
         client_ip: IpAddr,
+        request_id: &str,
         body: &[u8],
         now_us: u64,
     ) -> Result<TokenResponse, IssueError> {
@@ -280,9 +285,14 @@ impl Issuer {
                     .inc();
                 respond(policy, idx, now, refresh)
             }
-            Rotation::ReuseDetected => {
+            Rotation::ReuseDetected { user } => {
                 METRICS.refresh_reuse.inc();
-                tracing::warn!("a spent refresh token was presented again; its family is revoked");
+                tracing::warn!(
+                    %user,
+                    client_ip = %client_ip,
+                    request_id,
+                    "a spent refresh token was presented again; its family is revoked"
+                );
                 Err(IssueError::InvalidRefreshToken(
                     "the token was already used",
                 ))
@@ -362,5 +372,6 @@ fn respond(
             .to_string(),
         expires_in: ttl,
         refresh_token,
+        subject: policy.user(user).id.to_string(),
     })
 }

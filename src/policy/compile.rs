@@ -32,6 +32,15 @@ pub struct Compiled {
 /// Read `path`, resolve its secrets from the environment and from files next
 /// to it, and compile it.
 pub fn compile_file(path: &Path) -> Result<Compiled, Vec<ConfigError>> {
+    let base = path.parent().map_or_else(PathBuf::new, Path::to_path_buf);
+    compile_file_with(path, &EnvAndFiles { base })
+}
+
+/// [`compile_file`] with another source of secrets.
+pub fn compile_file_with(
+    path: &Path,
+    secrets: &dyn SecretSource,
+) -> Result<Compiled, Vec<ConfigError>> {
     let name = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
@@ -42,8 +51,7 @@ pub fn compile_file(path: &Path) -> Result<Compiled, Vec<ConfigError>> {
             message: format!("cannot read the configuration file: {e}"),
         }]
     })?;
-    let base = path.parent().map_or_else(PathBuf::new, Path::to_path_buf);
-    compile(&name, &src, &EnvAndFiles { base })
+    compile(&name, &src, secrets)
 }
 
 /// Compile the text of a configuration file. Pure but for `secrets` and the
@@ -156,7 +164,33 @@ impl Cx<'_> {
                 self.d.error(span, "admin_listen must differ from listen");
             }
         }
+        let admin_token = if s.admin_token_env.is_some() || s.admin_token_file.is_some() {
+            let owner = s
+                .admin_token_env
+                .as_ref()
+                .or(s.admin_token_file.as_ref())
+                .map_or(0..0, |t| t.span());
+            self.secret(
+                owner,
+                &s.admin_token_env,
+                &s.admin_token_file,
+                &None,
+                "the admin token",
+            )
+        } else {
+            None
+        };
+        if let Some(a) = admin_listen {
+            if !a.ip().is_loopback() && admin_token.is_none() {
+                let span = s.admin_listen.as_ref().map_or(0..0, |a| a.span());
+                self.d.warn(
+                    span,
+                    "admin_listen is reachable from other hosts and no admin_token_env or admin_token_file is set: anyone who reaches it can POST /reload",
+                );
+            }
+        }
         Some(Server {
+            admin_token,
             listen: listen?,
             admin_listen: admin_listen?,
             threads,

@@ -21,7 +21,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use crate::limit::{AccountId, Quota};
 
 pub use compile::{
-    account_id, compile, compile_file, hash_prefix, unix_now, unix_now_us, Compiled,
+    account_id, compile, compile_file, compile_file_with, hash_prefix, unix_now, unix_now_us,
+    Compiled,
 };
 pub use ip::{Allowlist, IpSet};
 pub use router::{RouteIdx, Router};
@@ -216,6 +217,8 @@ pub struct Server {
     /// `Upgrade` protocols forwarded, lower case; never `h2c`.
     pub upgrades: Vec<Box<str>>,
     pub underscore_headers: Underscores,
+    /// The bearer token `POST /reload` needs, when one is configured.
+    pub admin_token: Option<Vec<u8>>,
 }
 
 /// `[state] backend`.

@@ -14,6 +14,9 @@ use crate::config::ConfigError;
 
 pub struct PolicyStore {
     current: ArcSwap<Policy>,
+    /// The policy the process started with: restart-only settings keep
+    /// its values until a restart, whatever reloads happen meanwhile.
+    boot: Arc<Policy>,
     path: PathBuf,
     /// Serialises reloads; requests never take it.
     reloading: std::sync::Mutex<()>,
@@ -24,7 +27,8 @@ pub enum ReloadOutcome {
     Applied {
         counts: Counts,
         warnings: Vec<ConfigError>,
-        /// Settings that only take effect on restart and were changed.
+        /// Settings that differ from the running process's and only take
+        /// effect on restart (compared with the start, not the last reload).
         needs_restart: Vec<&'static str>,
         at: SystemTime,
     },
@@ -35,8 +39,10 @@ pub enum ReloadOutcome {
 
 impl PolicyStore {
     pub fn new(path: &Path, policy: Policy) -> PolicyStore {
+        let policy = Arc::new(policy);
         PolicyStore {
-            current: ArcSwap::from_pointee(policy),
+            current: ArcSwap::new(policy.clone()),
+            boot: policy,
             path: path.to_path_buf(),
             reloading: std::sync::Mutex::new(()),
         }
@@ -50,6 +56,11 @@ impl PolicyStore {
         &self.path
     }
 
+    /// Restart-only settings the file changed since the process started.
+    pub fn restart_needed(&self) -> Vec<&'static str> {
+        restart_only_changes(&self.boot, &self.current.load())
+    }
+
     /// Read, compile and publish the file again. A file with any error
     /// changes nothing. Call it off the proxy threads: it reads files and
     /// may resolve the upstream's name.
@@ -60,8 +71,7 @@ impl PolicyStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match compile_file(&self.path) {
             Ok(compiled) => {
-                let old = self.current.load();
-                let needs_restart = restart_only_changes(&old, &compiled.policy);
+                let needs_restart = restart_only_changes(&self.boot, &compiled.policy);
                 let counts = compiled.policy.counts();
                 self.current.store(Arc::new(compiled.policy));
                 ReloadOutcome::Applied {
@@ -94,8 +104,9 @@ fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<&'static str> {
     if old.server.grace_period != new.server.grace_period {
         changed.push("server.grace_period");
     }
-    if old.log.level != new.log.level || old.log.access != new.log.access {
-        changed.push("log");
+    // log.access is read per request: it changes live.
+    if old.log.level != new.log.level {
+        changed.push("log.level");
     }
     if old.state != new.state {
         changed.push("state");

@@ -23,6 +23,29 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// With `server.admin_token_*` set, `/reload` needs that bearer token
+    /// (compared in constant time); the policy in force decides, so a new
+    /// token applies from the reload that sets it.
+    fn may_reload(&self, session: &ServerSession) -> bool {
+        let policy = self.store.load();
+        let Some(token) = &policy.server.admin_token else {
+            return true;
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
+            });
+        given.is_some_and(|g| {
+            use subtle::ConstantTimeEq;
+            g.len() == token.len() && bool::from(g.as_bytes().ct_eq(token))
+        })
+    }
+
     /// The store's part of `/readyz`, and whether it makes keygate unready:
     /// only when limited requests would all be refused anyway
     /// (`on_error_limits = "closed"`); with `local` or `open` the sidecar
@@ -84,6 +107,7 @@ impl ServeHttp for Admin {
                             "jwt_keys": counts.jwt_keys,
                         },
                         "last_reload": last,
+                        "restart_needed_for": self.store.restart_needed(),
                     }),
                 )
             }
@@ -103,6 +127,17 @@ impl ServeHttp for Admin {
                     .body(buf)
                     .unwrap_or_default()
             }
+            (Method::POST, "/reload") if !self.may_reload(session) => {
+                let mut r = json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "POST /reload needs the admin token (Authorization: Bearer …)"}),
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static(r#"Bearer realm="keygate admin""#),
+                );
+                r
+            }
             (Method::POST, "/reload") => {
                 let store = self.store.clone();
                 let status = self.status.clone();
@@ -117,10 +152,20 @@ impl ServeHttp for Admin {
                     ),
                 }
             }
-            (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": "method not allowed"}),
-            ),
+            (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => {
+                let allow = if path == "/reload" {
+                    "POST"
+                } else {
+                    "GET, HEAD"
+                };
+                let mut r = json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    serde_json::json!({"error": "method not allowed", "allow": allow}),
+                );
+                r.headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+                r
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
                 serde_json::json!({"error": "not found"}),

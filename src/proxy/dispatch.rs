@@ -33,6 +33,14 @@ impl Endpoint {
             _ => *method == Method::POST,
         }
     }
+
+    /// Those methods, as a 405's `Allow` header.
+    pub fn allow_header(self) -> &'static str {
+        match self {
+            Endpoint::Jwks => "GET, HEAD",
+            _ => "POST",
+        }
+    }
 }
 
 /// Where a request with this (normalised) path goes.

@@ -34,7 +34,7 @@ use crate::http1::parse::{self, BodyKind, HeadView, Header, RequestHead, Respons
 use crate::http1::upstream::{self, Conn, Pool};
 use crate::issue::{IssueError, Issuer};
 use crate::limit::{Limiter, Outcome};
-use crate::metrics::{method_label, status_class, METRICS};
+use crate::metrics::{method_label, status_class, status_code, METRICS};
 use crate::policy::{OnError, Policy, PolicyStore, Underscores, Webhook};
 use crate::proxy::access_log;
 use crate::state::fleet::{Answer, Lanes, RedisLimits};
@@ -131,6 +131,8 @@ where
         headers: Vec::new(),
         up_buf: Vec::with_capacity(READ_CHUNK),
         up_headers: Vec::new(),
+        bytes_in: 0,
+        bytes_out: 0,
     };
     let mut next = Next::Close;
     while let Some(head) = client.next_head(&worker).await {
@@ -172,12 +174,24 @@ struct Client<S> {
     headers: Vec<Header>,
     up_buf: Vec<u8>,
     up_headers: Vec<Header>,
+    /// This request's body bytes read, and answer bytes written (for the
+    /// access log).
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 /// Per-request facts, from the head to the log line.
 struct Exchange {
     started: Instant,
     policy: Arc<Policy>,
+    /// As the gate sees it: the peer, or the trusted proxies' client.
+    client_ip: IpAddr,
+    /// Who an auth endpoint issued tokens to (the gate's principal is in
+    /// `decision`).
+    subject: Option<String>,
+    upstream_status: Option<u16>,
+    /// Only kept when the access log is on.
+    user_agent: Option<String>,
     method: Method,
     request_id: String,
     /// The normalised path.
@@ -313,9 +327,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             headers: &head.headers,
         };
         let request_id = request_id(view.values(b"x-request-id").next());
+        let policy = worker.shared.store.load();
+        let client_ip = gate::client_ip::resolve(self.peer, &view, &policy.server.trusted_proxies);
+        let user_agent = (policy.log.access != crate::policy::AccessLog::Off)
+            .then(|| {
+                view.values(b"user-agent")
+                    .next()
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .flatten();
+        self.bytes_in = 0;
+        self.bytes_out = 0;
         let mut x = Exchange {
             started: Instant::now(),
-            policy: worker.shared.store.load(),
+            policy,
+            client_ip,
+            subject: None,
+            upstream_status: None,
+            user_agent,
             method: head.method.clone(),
             request_id,
             path: String::new(),
@@ -331,7 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .route(worker, &head, &mut x)
             .await
             .unwrap_or(Next::Close);
-        x.log();
+        x.log(self.bytes_in, self.bytes_out);
         self.headers = head.headers;
         if next == Next::KeepAlive {
             // What the client sent early is the start of the next head.
@@ -445,12 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     ) -> Step<Next> {
         let policy = x.policy.clone();
         if !endpoint.allows(&head.method) {
-            let why = if endpoint == Endpoint::Jwks {
-                "use GET"
-            } else {
-                "use POST"
-            };
-            let refusal = Refusal::Issue(IssueError::InvalidRequest(why));
+            let refusal = Refusal::MethodNotAllowed(endpoint.allow_header());
             return self.refuse(x, head, refusal).await;
         }
         if endpoint == Endpoint::Jwks {
@@ -482,15 +506,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         };
         let issuer: Arc<Issuer> = worker.shared.issuer.clone();
         let now = crate::policy::unix_now_us();
+        let request_id = x.request_id.clone();
         let answer = tokio::task::spawn_blocking(move || match endpoint {
             Endpoint::Token => issuer.login(&policy, client_ip, &body, now).map(Some),
-            Endpoint::Refresh => issuer.refresh(&policy, client_ip, &body, now).map(Some),
+            Endpoint::Refresh => issuer
+                .refresh(&policy, client_ip, &request_id, &body, now)
+                .map(Some),
             _ => issuer.revoke(&policy, &body, now).map(|()| None),
         })
         .await
         .unwrap_or(Err(IssueError::Internal));
         match answer {
             Ok(tokens) => {
+                x.subject = tokens.as_ref().map(|t| t.subject.clone());
                 let body = match tokens {
                     Some(t) => serde_json::to_vec(&t).unwrap_or_default(),
                     None => b"{}".to_vec(),
@@ -537,7 +565,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let body = match self.read_body(head, x, hook.max_body).await? {
             Ok(body) => body,
             Err(refusal) => {
-                if matches!(refusal, Refusal::Issue(IssueError::PayloadTooLarge)) {
+                if matches!(refusal, Refusal::Issue(IssueError::PayloadTooLarge(_))) {
                     count("too_large");
                 }
                 return self.refuse(x, head, refusal).await;
@@ -636,6 +664,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
             };
             self.rest_pos += used;
+            self.bytes_in += used as u64;
             chunked_out = match head.body {
                 _ if x.body.is_done() => {
                     header_u64(&mut self.out, b"content-length", payload.len() as u64);
@@ -734,6 +763,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
         }
         x.status = resp.status;
+        x.upstream_status = Some(resp.status);
         let http10 = head.minor == 0;
         let reframe = match resp.body {
             BodyKind::Chunked | BodyKind::Close if !http10 => Reframe::Chunks,
@@ -854,6 +884,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             })
             .map_err(|e| BodyFailure::Malformed(body_error(e)))?;
         self.rest_pos += used;
+        self.bytes_in += used as u64;
         Ok(())
     }
 
@@ -866,7 +897,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         x: &mut Exchange,
         limit: usize,
     ) -> Step<Result<Vec<u8>, Refusal>> {
-        let too_large = Refusal::Issue(IssueError::PayloadTooLarge);
+        let too_large = Refusal::Issue(IssueError::PayloadTooLarge(limit));
         if let BodyKind::Length(n) = head.body {
             if n > limit as u64 {
                 return Ok(Err(too_large));
@@ -1007,6 +1038,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 if send(&mut self.stream, &self.out).await.is_err() {
                     return Err(Relay::Gone);
                 }
+                self.bytes_out += self.out.len() as u64;
                 self.out.clear();
                 head_sent = true;
             }
@@ -1020,10 +1052,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(Ok(_)) if decoder.eof().is_ok() => {
                     // A close-delimited answer ended.
-                    if reframe == Reframe::Chunks
-                        && send(&mut self.stream, LAST_CHUNK).await.is_err()
-                    {
-                        return Err(Relay::Gone);
+                    if reframe == Reframe::Chunks {
+                        if send(&mut self.stream, LAST_CHUNK).await.is_err() {
+                            return Err(Relay::Gone);
+                        }
+                        self.bytes_out += LAST_CHUNK.len() as u64;
                     }
                     return Ok(false);
                 }
@@ -1086,7 +1119,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .inc();
         METRICS
             .requests
-            .with_label_values(&["unmatched", "OTHER", status_class(status)])
+            .with_label_values(&[
+                "unmatched",
+                "OTHER",
+                status_class(status),
+                status_code(status),
+            ])
             .inc();
     }
 
@@ -1151,6 +1189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if send(&mut self.stream, &self.out).await.is_err() {
             return Err(Gone);
         }
+        self.bytes_out += self.out.len() as u64;
         Ok(next)
     }
 
@@ -1195,7 +1234,7 @@ fn body_error(e: BodyError) -> &'static str {
 
 impl Exchange {
     /// Metrics and the access log line for this request.
-    fn log(&self) {
+    fn log(&self, bytes_in: u64, bytes_out: u64) {
         let policy = &*self.policy;
         let status = if self.status == 0 {
             self.refused.map_or(0, |(s, _)| s)
@@ -1213,7 +1252,7 @@ impl Exchange {
         let method = method_label(&self.method);
         METRICS
             .requests
-            .with_label_values(&[route, method, status_class(status)])
+            .with_label_values(&[route, method, status_class(status), status_code(status)])
             .inc();
         METRICS
             .request_duration
@@ -1224,6 +1263,10 @@ impl Exchange {
                 .upstream_duration
                 .with_label_values(&[route])
                 .observe(up.as_secs_f64());
+            // What keygate itself adds: everything but the upstream's time.
+            METRICS
+                .added_latency
+                .observe(elapsed.saturating_sub(up).as_secs_f64());
         }
         if policy.log.access == crate::policy::AccessLog::Off {
             return;
@@ -1234,18 +1277,24 @@ impl Exchange {
             &access_log::Entry {
                 time: access_log::now(),
                 request_id: &self.request_id,
-                client_ip: decision.map(|d| d.client_ip),
+                client_ip: Some(decision.map_or(self.client_ip, |d| d.client_ip)),
                 method: self.method.as_str(),
                 path: &self.path,
                 route,
                 status,
-                principal: principal.map(|p| p.subject_str(policy)),
+                upstream_status: self.upstream_status,
+                principal: principal
+                    .map(|p| p.subject_str(policy))
+                    .or(self.subject.as_deref()),
                 auth_method: principal.map(|p| p.method.as_str()),
                 key_id: principal
                     .and_then(|p| p.key)
                     .map(|k| &*policy.api_key(k).id),
                 tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
                 code: self.refused.map(|(_, code)| code),
+                bytes_in,
+                bytes_out,
+                user_agent: self.user_agent.as_deref(),
                 upstream_ms: self.upstream_elapsed.map(access_log::ms),
                 total_ms: access_log::ms(elapsed),
             },

@@ -69,7 +69,9 @@ impl pingora::services::Service for Front {
         }
         // Only the workers hold the socket now: when they stop, it closes.
         drop(listener);
+        super::notify::ready();
         let _ = shutdown.changed().await;
+        super::notify::notify("STOPPING=1");
         let _ = stop_tx.send(true);
         let _ = tokio::task::spawn_blocking(move || {
             for w in workers {
@@ -77,6 +79,12 @@ impl pingora::services::Service for Front {
             }
         })
         .await;
+        // Every request in flight is done (or the grace period is over):
+        // exit now. pingora would otherwise sleep out the whole grace period
+        // even on an idle instance.
+        tracing::info!("drained; exiting");
+        super::access_log::flush();
+        std::process::exit(0);
     }
 
     fn name(&self) -> &str {
@@ -118,6 +126,15 @@ fn run_worker(
                 return;
             }
         };
+        // The watchdog's sign that this thread's event loop still turns.
+        let beat = super::notify::register_beat();
+        tokio::task::spawn_local(async move {
+            let mut every = tokio::time::interval(super::notify::BEAT);
+            loop {
+                every.tick().await;
+                beat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
         let worker = Rc::new(Worker {
             shared,
             redis: Default::default(),

@@ -11,6 +11,7 @@ pub mod dispatch;
 mod exchange;
 pub mod forward;
 mod front;
+pub mod notify;
 pub mod refusal;
 mod relay;
 mod reload;
@@ -45,11 +46,14 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     let server_settings = policy.server.clone();
     let relay_listen = policy.relay.as_ref().map(|r| r.listen);
     record_policy(policy.counts(), true);
+    crate::metrics::zero_policy_series(&policy);
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
     let (issuer, fleet, shared_store) = match &policy.state {
         StateBackend::Embedded => {
             let state = open_state(&server_settings.state_dir, &limiter)?;
+            // The embedded store is in this process: up while it runs.
+            METRICS.state_up.set(1);
             let issuer = Issuer {
                 store: state,
                 throttles: limiter.clone(),

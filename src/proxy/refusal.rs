@@ -24,6 +24,8 @@ pub enum Refusal {
     },
     /// `_` in a header name, under `underscore_headers = "refuse"`.
     Underscore,
+    /// A method the endpoint does not serve; the value is its `Allow` header.
+    MethodNotAllowed(&'static str),
     Upstream(Failure),
 }
 
@@ -42,6 +44,7 @@ impl Refusal {
         match self {
             Refusal::Wire(e) => e.status(),
             Refusal::Body(_) | Refusal::Underscore => 400,
+            Refusal::MethodNotAllowed(_) => 405,
             Refusal::Gate(d) => d.status(),
             Refusal::Issue(e) => e.status(),
             Refusal::Signature { .. } => 401,
@@ -53,6 +56,7 @@ impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::Wire(_) | Refusal::Body(_) | Refusal::Underscore => "invalid_request",
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
             Refusal::Gate(d) => d.code(),
             Refusal::Issue(e) => e.code(),
             Refusal::Signature { .. } => "invalid_signature",
@@ -68,6 +72,7 @@ impl Refusal {
             Refusal::Wire(e) => e.message().into(),
             Refusal::Body(why) => (*why).into(),
             Refusal::Underscore => "header names must not contain underscores".into(),
+            Refusal::MethodNotAllowed(allow) => format!("this endpoint answers {allow}").into(),
             Refusal::Gate(d) => d.message().into(),
             Refusal::Issue(e) => e.message().into(),
             Refusal::Signature { refusal, .. } => refusal.message().into(),
@@ -116,6 +121,7 @@ impl Refusal {
                     header_u64(out, b"retry-after", secs);
                 }
             }
+            Refusal::MethodNotAllowed(allow) => header(out, b"allow", allow.as_bytes()),
             Refusal::Signature { header: name, .. } => {
                 let challenge = format!(r#"HMAC-SHA256 realm="keygate", header="{name}""#);
                 header(out, b"www-authenticate", challenge.as_bytes());
@@ -140,6 +146,7 @@ mod tests {
             ),
             (Refusal::Body("x"), 400, "invalid_request"),
             (Refusal::Underscore, 400, "invalid_request"),
+            (Refusal::MethodNotAllowed("POST"), 405, "method_not_allowed"),
             (Refusal::Gate(Denial::Forbidden), 403, "forbidden"),
             (Refusal::Upstream(Failure::Timeout), 504, "upstream_timeout"),
             (

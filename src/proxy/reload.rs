@@ -56,6 +56,7 @@ pub fn reload_now(store: &PolicyStore, status: &Status, trigger: &str) -> Result
             METRICS.config_reloads.with_label_values(&["success"]).inc();
             METRICS.config_last_reload_success.set(1);
             record_policy(counts, true);
+            crate::metrics::zero_policy_series(&store.load());
             let summary = json!({
                 "result": "success",
                 "trigger": trigger,

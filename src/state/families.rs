@@ -333,7 +333,7 @@ impl StateStore for RedisStore {
                 Some((_, new)) => Rotation::Rotated(new),
                 None => Rotation::Unknown,
             },
-            "reuse" => Rotation::ReuseDetected,
+            "reuse" => Rotation::ReuseDetected { user: old.user },
             "revoked" => Rotation::Revoked,
             "expired" => Rotation::Expired,
             // 'valid' (only looked) cannot follow a look that saw it

@@ -107,7 +107,9 @@ pub enum Rotation {
     /// The family was revoked (by reuse, by revocation) earlier.
     Revoked,
     /// A spent token came back: its whole family is now revoked.
-    ReuseDetected,
+    ReuseDetected {
+        user: String,
+    },
     /// `successor` refused (the user is gone, disabled, or cut off).
     Refused,
 }
@@ -228,7 +230,7 @@ impl StateStore for RedbStore {
                 Some(old) if revoked.get(old.family)?.is_some() => Rotation::Revoked,
                 Some(old) if old.spent => {
                     revoked.insert(old.family, revoke_until.max(old.expires_at))?;
-                    Rotation::ReuseDetected
+                    Rotation::ReuseDetected { user: old.user }
                 }
                 Some(old) if old.expires_at <= now => Rotation::Expired,
                 Some(old) => match successor(&old) {
@@ -259,7 +261,10 @@ impl StateStore for RedbStore {
                 },
             }
         };
-        if matches!(outcome, Rotation::Rotated(_) | Rotation::ReuseDetected) {
+        if matches!(
+            outcome,
+            Rotation::Rotated(_) | Rotation::ReuseDetected { .. }
+        ) {
             txn.commit()?;
         } else {
             txn.abort()?;
@@ -463,7 +468,12 @@ mod tests {
         s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
         rotate(&s, 1, 2, NOW + 10);
         rotate(&s, 2, 3, NOW + 20);
-        assert_eq!(rotate(&s, 1, 9, NOW + 30), Rotation::ReuseDetected);
+        assert_eq!(
+            rotate(&s, 1, 9, NOW + 30),
+            Rotation::ReuseDetected {
+                user: "u_alice".into()
+            }
+        );
         assert_eq!(rotate(&s, 3, 4, NOW + 40), Rotation::Revoked);
         // Another family is untouched.
         s.insert_refresh(&[5; 32], &record(8, NOW)).unwrap();
