@@ -517,3 +517,95 @@ fn check_without_secrets_names_the_unset_variables() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `include`: API keys in files of their own, picked up live (a new file
+/// in the directory counts), errors naming the included file and line.
+#[test]
+fn included_files_load_live_and_errors_name_them() {
+    let upstream = Upstream::start();
+    let kg = Keygate::start(&config(), upstream.port);
+    let dir = kg.dir.path().join("keys.d");
+    std::fs::create_dir(&dir).unwrap();
+    let key_block = |id: &str, key: &str| {
+        format!(
+            "# written by a provisioning tool\n[[api_keys]]\nid = \"{id}\"\nsha256 = \"{}\"\ntier = \"pro\"\npermissions = [\"vms:read\"]\n",
+            sha256_hex(key)
+        )
+    };
+    std::fs::write(
+        dir.join("a.toml"),
+        key_block("tool-a", "vmc_included_a_0123456789"),
+    )
+    .unwrap();
+    kg.write_config(
+        &format!("include = [\"keys.d/*.toml\"]\n{}", config()),
+        upstream.port,
+    );
+    let status = |key: &str| {
+        client()
+            .get(kg.url("/v1/vms"))
+            .header("X-API-Key", key)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    wait_until("the included key", || {
+        status("vmc_included_a_0123456789") == 200
+    });
+    assert_eq!(status(KEY_DEPLOY), 200, "the main file's keys stay");
+    // A new file in the directory is a change too.
+    std::fs::write(
+        dir.join("b.toml"),
+        key_block("tool-b", "vmc_included_b_0123456789"),
+    )
+    .unwrap();
+    wait_until("the second file", || {
+        status("vmc_included_b_0123456789") == 200
+    });
+
+    // A broken included file: the running policy stays, and the error
+    // names that file, line and column.
+    std::fs::write(
+        dir.join("c.toml"),
+        "[[api_keys]]\nid = \"bad\"\nsha256 = \"xyz\"\ntier = \"pro\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["check", "-c"])
+        .arg(kg.config_path())
+        .env("KEYGATE_TEST_HS", HS_SECRET)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let expected = format!("{}:3:10:", dir.join("c.toml").display());
+    assert!(stderr.contains(&expected), "no {expected} in {stderr}");
+    wait_until("the rejected reload", || {
+        let ready: Value = client()
+            .get(kg.admin("/readyz"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        ready["last_reload"]["result"] == "failure"
+    });
+    assert_eq!(
+        status("vmc_included_b_0123456789"),
+        200,
+        "the old policy serves on"
+    );
+    // Only entries belong in an included file.
+    std::fs::write(dir.join("c.toml"), "[server]\nthreads = 9\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["check", "-c"])
+        .arg(kg.config_path())
+        .env("KEYGATE_TEST_HS", HS_SECRET)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("c.toml:1:1: an included file holds only"),
+        "{stderr}"
+    );
+}

@@ -79,6 +79,32 @@ impl Diagnostics {
         self.items.iter().any(|(s, _)| *s == Severity::Error)
     }
 
+    /// Resolve every span against the files of `sources` (each
+    /// diagnostic names the file it is in) and order them: the main file
+    /// first, then the includes, by position.
+    pub fn resolve_sources(self, sources: &super::include::Sources) -> Vec<ConfigError> {
+        let mut out: Vec<(usize, ConfigError)> = self
+            .items
+            .into_iter()
+            .map(|(severity, located)| {
+                let order = located.span.as_ref().map_or(0, |s| s.start);
+                let (file, line, column) = located
+                    .span
+                    .map_or((sources.main(), 1, 1), |span| sources.locate(span.start));
+                let e = ConfigError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    severity,
+                    message: located.message,
+                };
+                (order, e)
+            })
+            .collect();
+        out.sort_by_key(|(order, _)| *order);
+        out.into_iter().map(|(_, e)| e).collect()
+    }
+
     /// Resolve every span against `src` and order the result by position.
     pub fn resolve(self, file: &str, src: &str) -> Vec<ConfigError> {
         let lines = LineIndex::new(src);
@@ -104,18 +130,18 @@ impl Diagnostics {
 }
 
 /// Byte offset → 1-based line and column (columns count characters).
-struct LineIndex {
+pub(crate) struct LineIndex {
     starts: Vec<usize>,
 }
 
 impl LineIndex {
-    fn new(src: &str) -> Self {
+    pub(crate) fn new(src: &str) -> Self {
         let mut starts = vec![0];
         starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
         LineIndex { starts }
     }
 
-    fn position(&self, src: &str, offset: usize) -> (usize, usize) {
+    pub(crate) fn position(&self, src: &str, offset: usize) -> (usize, usize) {
         let offset = offset.min(src.len());
         let line = self.starts.partition_point(|&s| s <= offset) - 1;
         let start = self.starts[line];

@@ -5,6 +5,7 @@
 //! line and column. Nothing outside `policy` ever reads these structs.
 
 mod diagnostics;
+pub mod include;
 mod secret;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use serde::Deserialize;
 pub use toml::Spanned;
 
 pub use diagnostics::{ConfigError, Diagnostics, Severity};
+pub use include::Sources;
 pub use secret::{EnvAndFiles, Fixed, Placeholders, SecretSource};
 
 /// A string value together with where it stands in the file.
@@ -22,6 +24,9 @@ pub type Str = Spanned<String>;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
+    /// Files holding more `[[users]]`, `[[api_keys]]` and `[[routes]]`
+    /// (see [`include`]); already joined in by the time this is parsed.
+    pub include: Option<Vec<Str>>,
     #[serde(default)]
     pub server: Server,
     #[serde(default)]

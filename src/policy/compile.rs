@@ -51,7 +51,8 @@ pub fn compile_file_with(
             message: format!("cannot read the configuration file: {e}"),
         }]
     })?;
-    compile(&name, &src, secrets)
+    let sources = config::include::assemble(path, &src)?;
+    compile_sources(&sources, secrets)
 }
 
 /// Compile the text of a configuration file. Pure but for `secrets` and the
@@ -61,6 +62,16 @@ pub fn compile(
     src: &str,
     secrets: &dyn SecretSource,
 ) -> Result<Compiled, Vec<ConfigError>> {
+    compile_sources(&config::Sources::single(file, src), secrets)
+}
+
+/// [`compile`] of a main file joined with its includes.
+pub fn compile_sources(
+    sources: &config::Sources,
+    secrets: &dyn SecretSource,
+) -> Result<Compiled, Vec<ConfigError>> {
+    let file = sources.main();
+    let src = sources.text.as_str();
     let mut cx = Cx {
         d: Diagnostics::default(),
         secrets,
@@ -69,12 +80,12 @@ pub fn compile(
         Ok(parsed) => parsed,
         Err(located) => {
             cx.d.push_located(Severity::Error, located);
-            return Err(cx.d.resolve(file, src));
+            return Err(cx.d.resolve_sources(sources));
         }
     };
     let policy = cx.policy(file, parsed);
     let has_errors = cx.d.has_errors();
-    let diagnostics = cx.d.resolve(file, src);
+    let diagnostics = cx.d.resolve_sources(sources);
     match policy {
         Some(policy) if !has_errors => Ok(Compiled {
             policy,

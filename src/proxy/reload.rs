@@ -118,7 +118,7 @@ impl BackgroundService for SighupReloader {
 /// How often the configuration file is looked at.
 pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Reloads when the configuration file changes. It polls rather than
+/// Reloads when the configuration file, or a file it includes, changes. It polls rather than
 /// subscribing to file events: editors replace files by rename, `cp`
 /// rewrites in place, and Kubernetes swaps a symlink two levels up; one
 /// check of the resolved file's identity (device, inode, size, mtime) each
@@ -151,25 +151,38 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
     })
 }
 
+/// The identity of every file the configuration is made of (the main file
+/// and what its `include` patterns match now: a file added to `users.d/`
+/// counts as a change too).
+fn fingerprints(path: &std::path::Path) -> Option<Vec<Fingerprint>> {
+    crate::config::include::files(path)
+        .iter()
+        .map(|p| fingerprint(p))
+        .collect()
+}
+
 fn content_hash(path: &std::path::Path) -> Option<[u8; 32]> {
     use sha2::Digest;
-    std::fs::read(path)
-        .ok()
-        .map(|b| sha2::Sha256::digest(&b).into())
+    let mut h = sha2::Sha256::new();
+    for file in crate::config::include::files(path) {
+        h.update(file.as_os_str().as_encoded_bytes());
+        h.update(std::fs::read(&file).ok()?);
+    }
+    Some(h.finalize().into())
 }
 
 #[async_trait]
 impl BackgroundService for FileWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let path = self.store.path().to_path_buf();
-        let mut seen = fingerprint(&path);
+        let mut seen = fingerprints(&path);
         let mut loaded = content_hash(&path);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(WATCH_EVERY) => {}
                 _ = shutdown.changed() => return,
             }
-            let now = fingerprint(&path);
+            let now = fingerprints(&path);
             if now == seen || now.is_none() {
                 // Missing for a moment (mid-rename): look again next time.
                 continue;
@@ -178,7 +191,7 @@ impl BackgroundService for FileWatcher {
             let mut settled = now;
             for _ in 0..10 {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                let again = fingerprint(&path);
+                let again = fingerprints(&path);
                 if again == settled {
                     break;
                 }
