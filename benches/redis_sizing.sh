@@ -45,24 +45,17 @@ cli EVALSHA "$SHA" 1 "keygate:limit:{0123456789abcdef0123456789abcdef}" 36000000
 acct=$(cli MEMORY USAGE "keygate:limit:{0123456789abcdef0123456789abcdef}")
 echo "one account's limiter key: $acct bytes (MEMORY USAGE)"
 
-# A refresh family as src/state/families.rs writes it: the family hash
-# (user, one field per token) and one index key per token.
+# A refresh family as src/state/families.rs writes it: one small hash (the
+# user and the live token) and one index key per token, kept until that
+# token could no longer be presented (reuse detection).
 fam="keygate:fam:{0123456789abcdef0123456789abcdef}"
-family_bytes() { # tokens
-    cli DEL "$fam" >/dev/null
-    cli HSET "$fam" u u_alice >/dev/null
-    local total=0
-    for i in $(seq "$1"); do
-        h=$(printf '%064x' "$i")
-        cli HSET "$fam" "$h" "17800$(printf '%05d' "$i"):17826$(printf '%05d' "$i"):1" >/dev/null
-        cli SET "keygate:rt:{$h}" 0123456789abcdef0123456789abcdef EX 2592000 >/dev/null
-    done
-    cli EXPIRE "$fam" 2592000 >/dev/null
-    local f; f=$(cli MEMORY USAGE "$fam")
-    local idx; idx=$(cli MEMORY USAGE "keygate:rt:{$(printf '%064x' 1)}")
-    echo "$f $idx"
-}
-read -r f1 idx <<<"$(family_bytes 1)"
-read -r f30 _ <<<"$(family_bytes 30)"
-echo "refresh family, 1 token: $((f1 + idx)) bytes (hash $f1 + index $idx)"
-echo "refresh family, 30 tokens (a month of daily refreshes): $((f30 + 30 * idx)) bytes"
+cli DEL "$fam" >/dev/null
+cli HSET "$fam" u u_alice c "$(printf '%064x' 999)" ci 1780000000 ce 1782592000 >/dev/null
+cli EXPIRE "$fam" 2592000 >/dev/null
+f=$(cli MEMORY USAGE "$fam")
+h=$(printf '%064x' 1)
+cli SET "keygate:rt:{$h}" 0123456789abcdef0123456789abcdef EX 2592000 >/dev/null
+idx=$(cli MEMORY USAGE "keygate:rt:{$h}")
+echo "refresh family hash: $f bytes; index key per token: $idx bytes"
+echo "refresh family, 1 token: $((f + idx)) bytes"
+echo "refresh family after 30 rotations (a month of daily refreshes): $((f + 30 * idx)) bytes"

@@ -109,6 +109,11 @@ enum Command {
         #[command(subcommand)]
         action: WebhookAction,
     },
+    /// Show the configuration as keygate reads it
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Move live state (refresh tokens, spent quotas) between stores, e.g. embedded to Redis
     State {
         #[command(subcommand)]
@@ -123,6 +128,17 @@ enum Command {
     Man,
     /// Serve the example configuration with a built-in sample VM API, printing curl lines to try
     Demo {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print every file of the configuration (includes too) with inline secrets redacted,
+    /// then the effective settings with defaults filled in (like `nginx -T`)
+    Dump {
         /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -270,6 +286,12 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Config {
+            action: ConfigAction::Dump { config },
+        } => keygate::cli::dump::run(
+            &keygate::cli::config_path(config),
+            &mut std::io::stdout().lock(),
+        ),
         Command::State {
             action: StateAction::Export { config },
         } => keygate::cli::state::export(

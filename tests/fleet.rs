@@ -186,7 +186,9 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
     let upstream = Upstream::start();
     let policy = config_with_passwords();
     let with = |choice: &str| {
-        let mut state = format!("timeout = \"100ms\"\non_error_limits = \"{choice}\"");
+        let mut state = format!(
+            "timeout = \"100ms\"\ntoken_timeout = \"300ms\"\non_error_limits = \"{choice}\""
+        );
         if choice == "local" {
             // The fallback grants each of 4 sidecars a quarter of the quota.
             state.push_str("\nfleet_size = 4");
@@ -228,7 +230,7 @@ fn when_redis_stops_answering_each_on_error_choice_holds_and_keygate_recovers() 
         "100 an hour / fleet_size 4"
     );
     assert_eq!(closed.metric("keygate_redis_breaker_open"), 1.0);
-    // Refresh, revoke and login fail closed, within the timeout.
+    // Refresh, revoke and login fail closed, within token_timeout.
     let started = Instant::now();
     let (status, code) = refresh(&open, &refresh_token);
     assert_eq!((status, code.as_str()), (503, "state_unavailable"));

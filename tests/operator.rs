@@ -609,3 +609,43 @@ fn included_files_load_live_and_errors_name_them() {
         "{stderr}"
     );
 }
+
+/// `keygate config dump`: the files as read, secrets redacted, then the
+/// effective settings with defaults filled in.
+#[test]
+fn config_dump_shows_files_and_defaults_but_no_secret() {
+    let upstream = Upstream::start();
+    let kg = Keygate::start(&config(), upstream.port);
+    let path = kg.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    // An inline secret (check warns about it) must not be printed.
+    let inline = text.replacen(
+        "secret_env = \"KEYGATE_TEST_HS\"",
+        &format!("secret = \"{HS_SECRET}\""),
+        1,
+    );
+    assert_ne!(inline, text, "the test config names KEYGATE_TEST_HS");
+    std::fs::write(&path, inline).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["config", "dump", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dump.contains(HS_SECRET), "the secret leaked:\n{dump}");
+    assert!(dump.contains("secret = \"<redacted>\""), "{dump}");
+    assert!(dump.contains("# server.threads = 2"), "{dump}");
+    assert!(
+        dump.contains("# auth.api_key_header = x-api-key"),
+        "defaults filled in:\n{dump}"
+    );
+    assert!(
+        dump.contains("# tiers.free = 100 per 1h, burst 100"),
+        "{dump}"
+    );
+}

@@ -1,6 +1,7 @@
 //! What each CLI command does. `main.rs` only parses the command line.
 
 pub mod demo;
+pub mod dump;
 pub mod explain;
 pub mod state;
 

@@ -68,7 +68,12 @@ pub fn import(config: &Path, input: Option<&Path>) -> anyhow::Result<()> {
         ),
     };
     let store = open(&policy)?;
-    for item in &items {
+    // Revocations first: an import cut off midway never leaves a revoked
+    // family usable.
+    let (revoked, rest): (Vec<_>, Vec<_>) = items
+        .iter()
+        .partition(|i| matches!(i, migrate::Item::Revoked { .. }));
+    for item in revoked.into_iter().chain(rest) {
         store.import(item)?;
     }
     eprintln!("imported {} record(s)", items.len());

@@ -63,6 +63,7 @@ pub struct State {
     pub connect_timeout: Option<Str>,
     pub on_error_limits: Option<Str>,
     pub fleet_size: Option<Spanned<i64>>,
+    pub token_timeout: Option<Str>,
     pub tls_ca_file: Option<Str>,
 }
 

@@ -254,6 +254,7 @@ impl Cx<'_> {
                     &s.connect_timeout,
                     &s.on_error_limits,
                     &s.tls_ca_file,
+                    &s.token_timeout,
                 ])
                 .flatten()
                 .map(|f| f.span())
@@ -380,6 +381,7 @@ impl Cx<'_> {
             key_prefix,
             timeout: self.duration_or(s.timeout.as_ref(), Duration::from_millis(25)),
             connect_timeout: self.duration_or(s.connect_timeout.as_ref(), Duration::from_secs(1)),
+            token_timeout: self.duration_or(s.token_timeout.as_ref(), Duration::from_secs(1)),
             on_error_limits,
             fleet_size: s
                 .fleet_size

@@ -246,6 +246,11 @@ pub struct RedisSettings {
     /// The whole of one call, reconnection included.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// One call of the token endpoints (login, refresh, revoke) and of
+    /// `/readyz`: longer than `timeout`, because a rotation that Redis
+    /// applied but answered late would, when the client retries, look like
+    /// the reuse of a spent token and revoke the family.
+    pub token_timeout: Duration,
     pub on_error_limits: OnError,
     /// With `on_error_limits = "local"`, each sidecar's fallback limiter
     /// grants quota / fleet_size (at least 1), so the fleet as a whole stays
@@ -258,6 +263,7 @@ impl PartialEq for RedisSettings {
     fn eq(&self, o: &Self) -> bool {
         (&self.url, &self.password, &self.tls_ca, &self.key_prefix)
             == (&o.url, &o.password, &o.tls_ca, &o.key_prefix)
+            && self.token_timeout == o.token_timeout
             && (
                 self.timeout,
                 self.connect_timeout,

@@ -4,13 +4,14 @@
 //!
 //! Lines are written off the event loop: a proxy thread formats its line
 //! and hands it to a writer thread through a bounded queue, and the writer
-//! sends whatever has queued up in one `write`. When the queue is full (the
+//! wakes every 20 ms and sends whatever has queued up in one `write`. When the queue is full (the
 //! disk or the journal is slower than the traffic) the line is dropped and
 //! counted in `keygate_access_log_dropped_total`: a request never waits for
 //! the log.
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -22,6 +23,24 @@ use crate::policy::AccessLog;
 
 /// Lines waiting for the writer; past this they are dropped.
 const QUEUE_LINES: usize = 64 * 1024;
+/// And bytes waiting: a slow log pipe costs at most this much memory.
+const QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Client-chosen fields (path, user agent) are cut to this many bytes.
+pub const MAX_FIELD: usize = 1024;
+
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// `text` cut to [`MAX_FIELD`] bytes at a character boundary.
+pub fn clip(text: &str) -> &str {
+    if text.len() <= MAX_FIELD {
+        return text;
+    }
+    let mut end = MAX_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 /// The writer sends at most this much in one `write`.
 const BATCH_BYTES: usize = 256 * 1024;
 
@@ -83,30 +102,48 @@ fn writer() -> Option<&'static SyncSender<Msg>> {
         .as_ref()
 }
 
+/// How often the writer wakes to write what has queued up. It sleeps
+/// instead of waiting on the queue, so a proxy thread handing over a line
+/// never has to wake it (no futex call, no context switch per request).
+const WRITE_EVERY: Duration = Duration::from_millis(20);
+
 fn run_writer(rx: Receiver<Msg>) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut waiting = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Line(line) => batch.extend_from_slice(&line),
-                Msg::Flush(done) => waiting.push(done),
-            }
-            if batch.len() < BATCH_BYTES {
-                next = rx.try_recv().ok();
+    loop {
+        std::thread::sleep(WRITE_EVERY);
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Line(line)) => {
+                    QUEUED.fetch_sub(line.len(), Ordering::Relaxed);
+                    batch.extend_from_slice(&line);
+                    if batch.len() >= BATCH_BYTES {
+                        write_out(&mut batch);
+                    }
+                }
+                Ok(Msg::Flush(done)) => waiting.push(done),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    write_out(&mut batch);
+                    return;
+                }
             }
         }
-        if !batch.is_empty() {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&batch);
-            let _ = out.flush();
-            batch.clear();
-        }
+        write_out(&mut batch);
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
     }
+}
+
+fn write_out(batch: &mut Vec<u8>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(batch);
+    let _ = out.flush();
+    batch.clear();
 }
 
 pub fn write(format: AccessLog, entry: &Entry<'_>) {
@@ -123,8 +160,15 @@ pub fn write(format: AccessLog, entry: &Entry<'_>) {
         METRICS.access_log_dropped.inc();
         return;
     };
+    let len = line.len();
+    if QUEUED.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+        QUEUED.fetch_sub(len, Ordering::Relaxed);
+        METRICS.access_log_dropped.inc();
+        return;
+    }
     if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(Msg::Line(line))
     {
+        QUEUED.fetch_sub(len, Ordering::Relaxed);
         METRICS.access_log_dropped.inc();
     }
 }
@@ -134,10 +178,22 @@ pub fn flush() {
     let Some(tx) = writer() else {
         return;
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
     let (done, wait) = mpsc::channel();
-    if tx.send(Msg::Flush(done)).is_ok() {
-        let _ = wait.recv_timeout(Duration::from_secs(1));
+    let mut msg = Msg::Flush(done);
+    // Never block: a full queue behind a stalled stdout must not hold up
+    // the exit for longer than the deadline.
+    loop {
+        match tx.try_send(msg) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                msg = m;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
     }
+    let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
 }
 
 fn text(e: &Entry<'_>) -> String {

@@ -57,9 +57,15 @@ impl Admin {
             return (serde_json::json!({"backend": "embedded", "up": true}), true);
         };
         let redis = redis.clone();
-        let up = tokio::task::spawn_blocking(move || redis.ping())
+        // Bounded even if a blocking call hangs: a readiness probe that
+        // times out on every replica at once is the outage to avoid.
+        let deadline = match &policy.state {
+            StateBackend::Redis(s) => s.token_timeout + s.connect_timeout,
+            StateBackend::Embedded => std::time::Duration::from_secs(2),
+        };
+        let up = tokio::time::timeout(deadline, tokio::task::spawn_blocking(move || redis.ping()))
             .await
-            .is_ok_and(|r| r.is_ok());
+            .is_ok_and(|r| r.is_ok_and(|r| r.is_ok()));
         METRICS.state_up.set(i64::from(up));
         let closed = match &policy.state {
             StateBackend::Redis(s) => s.on_error_limits == OnError::Closed,

@@ -3,13 +3,16 @@
 //! revocation is seen by all of them at once.
 //!
 //! Keys (the part in braces is the Cluster hash tag):
-//! - `{prefix}:fam:{<family>}`: one hash per family, so a rotation is one
-//!   atomic script on one slot. Fields: `u` (the user), `r` (revoked, until
-//!   when), and one per token, `<sha256 hex>` = `issued:expires:spent`.
-//!   It expires with the family's last token or revocation mark.
+//! - `{prefix}:fam:{<family>}`: one small hash per family, so a rotation is
+//!   one atomic script on one slot. Fields: `u` (the user), `r` (revoked,
+//!   until when), and the family's one live token: `c` (its SHA-256, hex)
+//!   with `ci`/`ce` (issued, expires). Every other token of the family is
+//!   spent by definition, so the hash never grows with rotations and no
+//!   script walks it. It expires with its live token or revocation mark.
 //! - `{prefix}:rt:{<sha256 hex>}` = the family: the index from a presented
 //!   token to its family. Written once before the token is handed out and
-//!   never changed, so reading it outside the family's script cannot race.
+//!   never changed, so reading it outside the family's script cannot race;
+//!   it lives as long as its token could be presented (reuse detection).
 //! - `{prefix}:limit:{<account>}`: login throttles, the same GCRA hash as
 //!   the tier limiter's (see [`super::fleet`]).
 //!
@@ -29,56 +32,58 @@ use crate::limit::{AccountId, Outcome, Quota, Snapshot};
 use crate::metrics::METRICS;
 use crate::policy::RedisSettings;
 
-/// Add a token to its family. KEYS[1]: the family. ARGV: user, token
-/// field, record, expiry (Unix s).
+/// Start a family with its first token. KEYS[1]: the family. ARGV: user,
+/// token, issued, expires (Unix s), mode: 0 sets the live token; 1
+/// (import) sets it only when the family has none; 2 (import of a spent
+/// token) only makes sure the family exists.
 const INSERT: &str = r#"
-redis.call('HSET', KEYS[1], 'u', ARGV[1], ARGV[2], ARGV[3])
 local at = tonumber(ARGV[4])
-if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
+local function keep_until()
+  if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
+end
+if ARGV[5] == '2' or (ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], 'c') == 1) then
+  redis.call('HSETNX', KEYS[1], 'u', ARGV[1])
+  keep_until()
+  return 0
+end
+redis.call('HSET', KEYS[1], 'u', ARGV[1], 'c', ARGV[2], 'ci', ARGV[3], 'ce', ARGV[4])
+keep_until()
 return 1
 "#;
 
-/// Spend a token and add its successor, or detect reuse. KEYS[1]: the
-/// family. ARGV: old field, new field ('' to only look), new record, now,
-/// revoke-until. Also drops the records of expired tokens.
+/// Spend the family's live token and make its successor live, or detect
+/// reuse (any other token of the family). KEYS[1]: the family. ARGV: the
+/// presented token, the successor ('' to only look), its issued and
+/// expires, now, revoke-until. O(1) whatever the family's history.
 const ROTATE: &str = r#"
-local function keep_until(at)
-  if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
-end
-local rec = redis.call('HGET', KEYS[1], ARGV[1])
-if not rec then return 'unknown' end
-if redis.call('HEXISTS', KEYS[1], 'r') == 1 then return 'revoked' end
-local issued, expires, spent = string.match(rec, '^(%d+):(%d+):(%d)$')
-local now = tonumber(ARGV[4])
-if spent == '1' then
-  local until_ = math.max(tonumber(ARGV[5]), tonumber(expires))
+local f = redis.call('HMGET', KEYS[1], 'u', 'r', 'c', 'ce')
+if not f[1] then return 'unknown' end
+if f[2] then return 'revoked' end
+local now = tonumber(ARGV[5])
+if f[3] ~= ARGV[1] then
+  local until_ = tonumber(ARGV[6])
   redis.call('HSET', KEYS[1], 'r', until_)
-  keep_until(until_)
+  if redis.call('EXPIRETIME', KEYS[1]) < until_ then redis.call('EXPIREAT', KEYS[1], until_) end
   return 'reuse'
 end
-if tonumber(expires) <= now then return 'expired' end
+if tonumber(f[4]) <= now then return 'expired' end
 if ARGV[2] == '' then return 'valid' end
-redis.call('HSET', KEYS[1], ARGV[1], issued .. ':' .. expires .. ':1', ARGV[2], ARGV[3])
-keep_until(tonumber(string.match(ARGV[3], '^%d+:(%d+)')))
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  local f = all[i]
-  if f ~= 'u' and f ~= 'r' then
-    local e = tonumber(string.match(all[i + 1], '^%d+:(%d+)'))
-    if e and e <= now then redis.call('HDEL', KEYS[1], f) end
-  end
-end
+redis.call('HSET', KEYS[1], 'c', ARGV[2], 'ci', ARGV[3], 'ce', ARGV[4])
+local at = tonumber(ARGV[4])
+if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
 return 'rotated'
 "#;
 
-/// Revoke a family until ARGV[1] (Unix s). KEYS[1]: the family.
+/// Revoke a family until ARGV[1] (Unix s), creating the mark if the family
+/// is not there yet (an import writes revocations first). KEYS[1]: the
+/// family. Returns whether the family existed.
 const REVOKE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local existed = redis.call('EXISTS', KEYS[1])
 local at = tonumber(ARGV[1])
 local was = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 if was < at then redis.call('HSET', KEYS[1], 'r', at) end
 if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
-return 1
+return existed
 "#;
 
 pub struct RedisStore {
@@ -141,28 +146,40 @@ impl RedisStore {
         Ok(family.and_then(|f| u128::from_str_radix(&f, 16).ok()))
     }
 
-    /// The record of `hash` in `family`, and whether the family is revoked.
+    /// The record of `hash` in `family` (spent unless it is the live
+    /// token), and whether the family is revoked.
     fn lookup(
         &self,
         family: u128,
         hash: &TokenHash,
     ) -> Result<Option<(RefreshRecord, bool)>, StateError> {
         let key = self.family_key(family);
-        let field = hex(hash);
-        let (user, revoked, rec): (Option<String>, Option<String>, Option<String>) =
-            self.call("refresh_read", |c| {
-                redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg("u")
-                    .arg("r")
-                    .arg(&field)
-                    .query(c)
-            })?;
-        let (Some(user), Some(rec)) = (user, rec) else {
+        type Fields = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<u64>,
+            Option<u64>,
+        );
+        let (user, revoked, current, issued, expires): Fields = self.call("refresh_read", |c| {
+            redis::cmd("HMGET")
+                .arg(&key)
+                .arg("u")
+                .arg("r")
+                .arg("c")
+                .arg("ci")
+                .arg("ce")
+                .query(c)
+        })?;
+        let Some(user) = user else {
             return Ok(None);
         };
-        let Some(record) = parse_record(&user, family, &rec) else {
-            return Ok(None);
+        let record = RefreshRecord {
+            user,
+            family,
+            issued_at: issued.unwrap_or(0),
+            expires_at: expires.unwrap_or(0),
+            spent: current.as_deref() != Some(hex(hash).as_str()),
         };
         Ok(Some((record, revoked.is_some())))
     }
@@ -197,6 +214,20 @@ impl RedisStore {
         } else {
             super::fleet::unit(quota, granted, base_us, 1)
         })
+    }
+
+    /// Make `hash` its family's live token. `mode` 1: only if the family
+    /// has none; 2: only make sure the family (and its user) exists.
+    fn set_live(&self, hash: &TokenHash, r: &RefreshRecord, mode: u8) -> Result<(), StateError> {
+        let key = self.family_key(r.family);
+        let mut inv = self.insert.key(key);
+        inv.arg(&r.user)
+            .arg(hex(hash))
+            .arg(r.issued_at)
+            .arg(r.expires_at)
+            .arg(mode);
+        self.call("refresh_insert", |c| inv.invoke::<i64>(c))
+            .map(|_| ())
     }
 
     /// Write one exported record (see `keygate state import`).
@@ -244,24 +275,6 @@ fn hex(hash: &TokenHash) -> String {
     })
 }
 
-fn record_field(r: &RefreshRecord) -> String {
-    format!("{}:{}:{}", r.issued_at, r.expires_at, u8::from(r.spent))
-}
-
-fn parse_record(user: &str, family: u128, field: &str) -> Option<RefreshRecord> {
-    let mut parts = field.split(':');
-    let issued_at = parts.next()?.parse().ok()?;
-    let expires_at = parts.next()?.parse().ok()?;
-    let spent = parts.next()? == "1";
-    Some(RefreshRecord {
-        user: user.to_string(),
-        family,
-        issued_at,
-        expires_at,
-        spent,
-    })
-}
-
 impl StateStore for RedisStore {
     /// Limits live in Redis itself; the local fallback limiter is not kept.
     fn load_limits(&self) -> Result<Vec<Snapshot>, StateError> {
@@ -280,14 +293,7 @@ impl StateStore for RedisStore {
         // The index first: a token whose family write failed is never
         // handed out, and its index entry expires unused.
         self.write_index(hash, r.family, r.expires_at)?;
-        let key = self.family_key(r.family);
-        let mut inv = self.insert.key(key);
-        inv.arg(&r.user)
-            .arg(hex(hash))
-            .arg(record_field(r))
-            .arg(r.expires_at);
-        self.call("refresh_insert", |c| inv.invoke::<i64>(c))
-            .map(|_| ())
+        self.set_live(hash, r, 0)
     }
 
     fn rotate_refresh(
@@ -316,15 +322,16 @@ impl StateStore for RedisStore {
                 }
             }
         };
-        let (new_field, new_record) = match &next {
-            Some((h, r)) => (hex(h), record_field(r)),
-            None => (String::new(), String::new()),
+        let (new_token, issued, expires) = match &next {
+            Some((h, r)) => (hex(h), r.issued_at, r.expires_at),
+            None => (String::new(), 0, 0),
         };
         let key = self.family_key(family);
         let mut inv = self.rotate.key(key);
         inv.arg(hex(hash))
-            .arg(new_field)
-            .arg(new_record)
+            .arg(new_token)
+            .arg(issued)
+            .arg(expires)
             .arg(now)
             .arg(revoke_until);
         let verdict: String = self.call("refresh_rotate", |c| inv.invoke(c))?;
@@ -367,7 +374,13 @@ impl StateStore for RedisStore {
     fn import(&self, item: &Item) -> Result<(), StateError> {
         match item {
             Item::Limit(s) => self.import_limit(s),
-            Item::Refresh(hash, r) => self.insert_refresh(hash, r),
+            Item::Refresh(hash, r) => {
+                // Never let an import undo a rotation or a spend: a spent
+                // token only gets its index (so presenting it is reuse), a
+                // live one becomes live only in a family without one.
+                self.write_index(hash, r.family, r.expires_at)?;
+                self.set_live(hash, r, if r.spent { 2 } else { 1 })
+            }
             Item::Revoked { family, until } => {
                 let key = self.family_key(*family);
                 let mut inv = self.revoke.key(key);

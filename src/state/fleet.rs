@@ -83,7 +83,8 @@ return {k, base}
 pub struct RedisLimits {
     pub settings: Arc<RedisSettings>,
     script: redis::Script,
-    deny: DashMap<AccountId, Denied>,
+    /// By account and quota: a tier change (a reload) starts afresh.
+    deny: DashMap<LaneKey, Denied>,
     /// No call before this instant (µs on the process clock); 0 = closed.
     open_until_us: AtomicU64,
     epoch: Instant,
@@ -127,17 +128,17 @@ impl RedisLimits {
         conn: &RefCell<Option<AsyncConn>>,
         need: &QuotaNeed,
     ) -> Answer {
-        if let Some(cached) = self.cached_refusal(need.account, self.clock_us()) {
-            return Answer::DenyCache(cached);
-        }
-        if self.breaker_open() {
-            return Answer::Unavailable;
-        }
         let key = (
             need.account,
             need.quota.interval_us(),
             need.quota.tolerance_us(),
         );
+        if let Some(cached) = self.cached_refusal(key, self.clock_us()) {
+            return Answer::DenyCache(cached);
+        }
+        if self.breaker_open() {
+            return Answer::Unavailable;
+        }
         let (batch, j) = lanes.join(key);
         let reply = if j == 1 {
             lanes.lead(key, &batch, |n| self.call(conn, need, n)).await
@@ -159,7 +160,7 @@ impl RedisLimits {
             let ahead = base_us + granted * need.quota.interval_us();
             let retry_us =
                 (ahead + need.quota.interval_us()).saturating_sub(need.quota.tolerance_us());
-            self.remember_refusal(need.account, at_us + retry_us, outcome);
+            self.remember_refusal(key, at_us + retry_us, outcome);
         }
         Answer::Redis(outcome)
     }
@@ -189,19 +190,33 @@ impl RedisLimits {
             .arg(need.quota.tolerance_us())
             .arg(n);
         let mut c = conn.borrow().clone();
-        let had = c.is_some();
-        let started = Instant::now();
-        let answer = tokio::time::timeout(self.settings.timeout, async {
-            if c.is_none() {
-                c = Some(AsyncConn::open(&self.settings).await?);
+        if c.is_none() {
+            // Setting up (a Cluster's slot map, a Sentinel's answer) gets
+            // connect_timeout, not the per-call deadline, or a slow link
+            // would never finish it.
+            let opened = tokio::time::timeout(
+                self.settings.connect_timeout,
+                AsyncConn::open(&self.settings),
+            )
+            .await;
+            match opened {
+                Ok(Ok(new)) => {
+                    *conn.borrow_mut() = Some(new.clone());
+                    c = Some(new);
+                }
+                Ok(Err(e)) => return self.failed("error", &e.to_string()),
+                Err(_) => return self.failed("timeout", "no connection in time"),
             }
-            let c = c.as_mut().expect("just set");
-            call.invoke_async::<(u64, u64)>(c).await
-        })
-        .await;
-        if !had && c.is_some() {
-            *conn.borrow_mut() = c;
         }
+        let Some(mut c) = c else {
+            return Reply::Failed;
+        };
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            self.settings.timeout,
+            call.invoke_async::<(u64, u64)>(&mut c),
+        )
+        .await;
         let (granted, base_us) = match answer {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => return self.failed("error", &e.to_string()),
@@ -240,7 +255,7 @@ impl RedisLimits {
         Reply::Failed
     }
 
-    fn cached_refusal(&self, account: AccountId, now: u64) -> Option<Outcome> {
+    fn cached_refusal(&self, account: LaneKey, now: u64) -> Option<Outcome> {
         let entry = self.deny.get(&account)?;
         if now >= entry.until_us {
             drop(entry);
@@ -254,7 +269,7 @@ impl RedisLimits {
         Some(outcome)
     }
 
-    fn remember_refusal(&self, account: AccountId, until_us: u64, outcome: Outcome) {
+    fn remember_refusal(&self, account: LaneKey, until_us: u64, outcome: Outcome) {
         if self.deny.len() >= DENY_CACHE_SWEEP {
             let now = self.clock_us();
             self.deny.retain(|_, d| d.until_us > now);
@@ -333,6 +348,14 @@ impl Lanes {
         F: FnOnce(u64) -> Fut,
         Fut: std::future::Future<Output = Reply>,
     {
+        // From here on, dropping this future (while waiting or calling)
+        // fails the batch and frees the lane instead of stranding either.
+        let mut release = Release {
+            lanes: self,
+            key,
+            batch,
+            holds_lane: false,
+        };
         loop {
             let idle = {
                 let lanes = self.lanes.borrow();
@@ -353,16 +376,11 @@ impl Lanes {
             let mut lanes = self.lanes.borrow_mut();
             let lane = lanes.get_mut(&key).expect("a lane with an open batch");
             lane.busy = true;
+            release.holds_lane = true;
             if lane.open.as_ref().is_some_and(|b| Rc::ptr_eq(b, batch)) {
                 lane.open = None;
             }
             batch.members.get()
-        };
-        // Releases the lane and the batch even if this future is dropped.
-        let release = Release {
-            lanes: self,
-            key,
-            batch,
         };
         let reply = call(n).await;
         batch.reply.set(Some(reply));
@@ -375,6 +393,8 @@ struct Release<'a> {
     lanes: &'a Lanes,
     key: LaneKey,
     batch: &'a Rc<Batch>,
+    /// Whether this leader made the lane busy (and so must free it).
+    holds_lane: bool,
 }
 
 impl Drop for Release<'_> {
@@ -385,9 +405,20 @@ impl Drop for Release<'_> {
         self.batch.done.notify_waiters();
         let mut lanes = self.lanes.lanes.borrow_mut();
         if let Some(lane) = lanes.get_mut(&self.key) {
-            lane.busy = false;
-            lane.idle.notify_waiters();
-            if lane.open.is_none() {
+            // A leader dropped before its call: its batch is closed too, so
+            // nobody joins a batch nobody leads.
+            if lane
+                .open
+                .as_ref()
+                .is_some_and(|b| Rc::ptr_eq(b, self.batch))
+            {
+                lane.open = None;
+            }
+            if self.holds_lane {
+                lane.busy = false;
+                lane.idle.notify_waiters();
+            }
+            if lane.open.is_none() && !lane.busy {
                 lanes.remove(&self.key);
             }
         }

@@ -98,9 +98,10 @@ impl Topology {
                 }
                 let db = match parts.next() {
                     None | Some("") => 0,
-                    Some(d) => d
-                        .parse()
-                        .map_err(|_| format!("the database must be a number, not {d:?}"))?,
+                    // Not quoted: a password with a '/' in it would land here.
+                    Some(d) => d.parse().map_err(|_| {
+                        "the database after the master name must be a number".to_string()
+                    })?,
                 };
                 if parts.next().is_some() {
                     return Err(URL_FORMS.into());
@@ -354,7 +355,7 @@ pub struct SyncPool {
     settings: Arc<RedisSettings>,
     idle: Mutex<Vec<SyncConn>>,
     cluster: Option<redis::cluster::ClusterClient>,
-    sentinel: Option<Mutex<SentinelClient>>,
+    sentinel: Option<Arc<Mutex<SentinelClient>>>,
 }
 
 pub enum SyncConn {
@@ -379,7 +380,7 @@ impl SyncPool {
             Topology::Cluster(nodes) => {
                 let mut b = ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(settings.connect_timeout)
-                    .response_timeout(settings.timeout)
+                    .response_timeout(settings.token_timeout)
                     .retries(1);
                 if let Some(certs) = tls_certs(&settings) {
                     b = b.certs(certs);
@@ -389,7 +390,7 @@ impl SyncPool {
             _ => None,
         };
         let sentinel = match &settings.topology {
-            Topology::Sentinel { .. } => Some(Mutex::new(sentinel_client(&settings)?)),
+            Topology::Sentinel { .. } => Some(Arc::new(Mutex::new(sentinel_client(&settings)?))),
             _ => None,
         };
         Ok(SyncPool {
@@ -427,8 +428,8 @@ impl SyncPool {
         let s = &self.settings;
         let single = |client: Client| -> RedisResult<SyncConn> {
             let conn = client.get_connection_with_timeout(s.connect_timeout)?;
-            conn.set_read_timeout(Some(s.timeout))?;
-            conn.set_write_timeout(Some(s.timeout))?;
+            conn.set_read_timeout(Some(s.token_timeout))?;
+            conn.set_write_timeout(Some(s.token_timeout))?;
             Ok(SyncConn::Single(conn))
         };
         match &s.topology {
@@ -438,11 +439,28 @@ impl SyncPool {
                 Ok(SyncConn::Cluster(Box::new(cluster.get_connection()?)))
             }
             Topology::Sentinel { .. } => {
-                let sentinel = self.sentinel.as_ref().expect("built for Sentinel");
-                let client = sentinel
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_client()?;
+                // redis-rs' blocking Sentinel lookup has no deadline of its
+                // own: run it on a thread of its own and wait at most
+                // connect_timeout. While one lookup hangs, others fail at
+                // once instead of queueing behind it.
+                let sentinel = self.sentinel.clone().expect("built for Sentinel");
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let Ok(mut guard) = sentinel.try_lock() else {
+                        let _ = tx.send(Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "a Sentinel lookup is already hanging",
+                        ))));
+                        return;
+                    };
+                    let _ = tx.send(guard.get_client());
+                });
+                let client = rx.recv_timeout(s.connect_timeout).map_err(|_| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the Sentinels did not answer in time",
+                    ))
+                })??;
                 single(client)
             }
         }
