@@ -21,6 +21,8 @@
 #
 #   benches/load.sh                 # 3 rounds of 10 s, 32 connections
 #   ROUNDS=5 DURATION=15s benches/load.sh
+#   ONLY="nginx-proxy-log keygate-jwt keygate-jwt-log" benches/load.sh
+#                                   # a subset of the rows (same run, same rules)
 #
 # Installs nginx and wrk from Debian when missing. Only 127.0.0.1 is used.
 set -euo pipefail
@@ -232,6 +234,13 @@ targets=(
   "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
   "hyper-bare|http://127.0.0.1:$HYP/v1/vms|"
 )
+if [ -n "${ONLY:-}" ]; then
+  kept=()
+  for t in "${targets[@]}"; do
+    case " $ONLY " in *" ${t%%|*} "*) kept+=("$t") ;; esac
+  done
+  targets=("${kept[@]}")
+fi
 declare -A rps p50 p99
 for r in $(seq "$ROUNDS"); do
   for t in "${targets[@]}"; do
@@ -250,7 +259,7 @@ done
 args=()
 for m in rps p50 p99; do
   for n in direct nginx-proxy nginx-proxy-log haproxy-jwt keygate-jwt keygate-apikey keygate-jwt-log keygate-redis pingora-bare hyper-bare; do
-    eval "args+=(\"\${$m[$n]}\")"
+    eval "args+=(\"\${$m[$n]:-}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
@@ -262,19 +271,25 @@ def ms(v):
             return float(v[: -len(unit)]) * f
     return float(v)
 a = sys.argv[2:]
-rps = {n: statistics.median(float(x) for x in a[i].split()) for i, n in enumerate(names)}
 k = len(names)
-p50 = {n: statistics.median(ms(x) for x in a[k + i].split()) for i, n in enumerate(names)}
-p99 = {n: statistics.median(ms(x) for x in a[2 * k + i].split()) for i, n in enumerate(names)}
+ran = [n for i, n in enumerate(names) if a[i].split()]
+rps = {n: statistics.median(float(x) for x in a[i].split()) for i, n in enumerate(names) if n in ran}
+p50 = {n: statistics.median(ms(x) for x in a[k + i].split()) for i, n in enumerate(names) if n in ran}
+p99 = {n: statistics.median(ms(x) for x in a[2 * k + i].split()) for i, n in enumerate(names) if n in ran}
+ratio = lambda n, base: f"{rps[n] / rps[base]:.2f}x" if base in rps else "-"
 print(f"median of {sys.argv[1]} interleaved rounds; wrk -t1 -c32; one worker thread each")
 print("| target | req/s | p50 ms | p99 ms | vs nginx-proxy | vs haproxy-jwt |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
-for n in names:
-    print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {rps[n] / rps['nginx-proxy']:.2f}x | {rps[n] / rps['haproxy-jwt']:.2f}x |")
-print()
-print(f"access log on: keygate-jwt-log = {rps['keygate-jwt-log'] / rps['keygate-jwt']:.2f}x keygate-jwt (log off), "
-      f"{rps['keygate-jwt-log'] / rps['nginx-proxy-log']:.2f}x nginx-proxy-log")
+for n in ran:
+    print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {ratio(n, 'nginx-proxy')} | {ratio(n, 'haproxy-jwt')} |")
+if "keygate-jwt-log" in rps:
+    print()
+    print(f"access log on: keygate-jwt-log = {ratio('keygate-jwt-log', 'keygate-jwt')} keygate-jwt (log off), "
+          f"{ratio('keygate-jwt-log', 'nginx-proxy-log')} nginx-proxy-log")
 PY
+
+# The Redis sections only when its row ran.
+if [ -n "${ONLY:-}" ]; then case " $ONLY " in *" keygate-redis "*) ;; *) exit 0 ;; esac; fi
 
 # What Redis adds to one request: one connection, interleaved rounds.
 declare -A one

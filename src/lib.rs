@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod state;
+pub mod tls;
 pub mod webhook;

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub added_latency: Histogram,
     pub access_log_dropped: IntCounter,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_cert_expiry: IntGaugeVec,
+    pub tls_redirects: IntCounter,
     pub upstream_duration: HistogramVec,
     pub gate_duration: Histogram,
     pub auth_denials: IntCounterVec,
@@ -116,6 +119,23 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Access log lines dropped because the writer's queue was full (a request never waits for the log)."
         )
         .expect("register keygate_access_log_dropped_total"),
+        tls_handshakes: register_int_counter_vec!(
+            "keygate_tls_handshakes_total",
+            "TLS handshakes on the public listener by result (ok, resumed, failed, timeout) and protocol version.",
+            &["result", "version"]
+        )
+        .expect("register keygate_tls_handshakes_total"),
+        tls_cert_expiry: register_int_gauge_vec!(
+            "keygate_tls_certificate_expiry_timestamp_seconds",
+            "When each certificate being served expires (Unix seconds), by its name (default, or its first SNI name) and subject.",
+            &["cert", "subject"]
+        )
+        .expect("register keygate_tls_certificate_expiry_timestamp_seconds"),
+        tls_redirects: register_int_counter!(
+            "keygate_tls_redirects_total",
+            "Plain-HTTP requests answered 308 to https:// (server.tls.redirect_listen)."
+        )
+        .expect("register keygate_tls_redirects_total"),
         request_duration: register_histogram_vec!(
             "keygate_request_duration_seconds",
             "Time from request headers received to response finished, by route pattern.",
@@ -303,6 +323,22 @@ fn zero_known_series(m: &Metrics) {
 /// every (re)load.
 pub fn zero_policy_series(policy: &crate::policy::Policy) {
     let m = &*METRICS;
+    // The certificates served now, and only they.
+    m.tls_cert_expiry.reset();
+    if let Some(tls) = &policy.server.tls {
+        for cert in &tls.certs {
+            m.tls_cert_expiry
+                .with_label_values(&[&cert.name, &cert.subject])
+                .set(cert.not_after);
+        }
+        for result in ["ok", "resumed"] {
+            for version in ["TLSv1.2", "TLSv1.3"] {
+                m.tls_handshakes.with_label_values(&[result, version]);
+            }
+        }
+        m.tls_handshakes.with_label_values(&["failed", "none"]);
+        m.tls_handshakes.with_label_values(&["timeout", "none"]);
+    }
     for tier in &policy.tiers {
         m.rate_limited.with_label_values(&[&tier.name]);
     }

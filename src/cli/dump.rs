@@ -88,6 +88,35 @@ fn effective(p: &Policy) -> String {
         }
         .into(),
     );
+    match &s.tls {
+        None => line("server.tls", "off (plain TCP)".into()),
+        Some(t) => {
+            line("server.tls", t.summary.clone());
+            for c in &t.certs {
+                line(
+                    &format!("server.tls.cert[{}]", c.name),
+                    format!(
+                        "{} names {:?}, expires {}",
+                        c.subject,
+                        c.dns_names,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(c.not_after.max(0) as u64)
+                        )
+                    ),
+                );
+            }
+            line("server.tls.handshake_timeout", d(t.handshake_timeout));
+            line(
+                "server.tls.redirect_listen",
+                t.redirect_listen.map_or("none".into(), |a| a.to_string()),
+            );
+            line(
+                "server.tls.hsts",
+                t.hsts.as_deref().unwrap_or("not sent").to_string(),
+            );
+        }
+    }
     line("log.access", format!("{:?}", p.log.access));
     line("log.level", p.log.level.clone());
     let u = &p.upstream;

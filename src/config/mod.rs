@@ -142,6 +142,53 @@ pub struct Server {
     /// A bearer token `POST /reload` must carry.
     pub admin_token_env: Option<Str>,
     pub admin_token_file: Option<Str>,
+    /// TLS on `listen`; absent = plain TCP.
+    pub tls: Option<Spanned<Tls>>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// The default certificate chain (PEM, leaf first) and its key.
+    pub cert_file: Option<Str>,
+    pub key_file: Option<Str>,
+    /// More certificates, chosen by SNI.
+    #[serde(default)]
+    pub certs: Vec<TlsCert>,
+    /// `"1.2"` (default) or `"1.3"`.
+    pub min_version: Option<Str>,
+    pub alpn: Option<Vec<Str>>,
+    pub session_resumption: Option<Spanned<bool>>,
+    pub handshake_timeout: Option<Str>,
+    /// CA certificates (PEM) that sign client certificates.
+    pub client_ca_file: Option<Str>,
+    /// `optional` or `required` (default when `client_ca_file` is set: `optional`).
+    pub client_auth: Option<Str>,
+    /// A plain-HTTP listener answering `308` to the `https://` URL.
+    pub redirect_listen: Option<Str>,
+    /// `Strict-Transport-Security`: its max-age (`0` or absent = not sent).
+    pub hsts_max_age: Option<Str>,
+    #[serde(default)]
+    pub hsts_include_subdomains: bool,
+}
+
+/// `[[server.tls.certs]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCert {
+    /// The names it is chosen for (`*.example.com` allowed); absent = the
+    /// DNS names of its subjectAltName.
+    pub sni: Option<Spanned<SniNames>>,
+    pub cert_file: Str,
+    pub key_file: Str,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SniNames {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]

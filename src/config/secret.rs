@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 pub trait SecretSource {
     fn env(&self, name: &str) -> Result<String, String>;
     fn file(&self, path: &Path) -> Result<Vec<u8>, String>;
+    /// Where [`file`](Self::file) reads `path` from (for the reloader to watch).
+    fn locate(&self, path: &Path) -> PathBuf {
+        path.to_path_buf()
+    }
 }
 
 /// The real process environment and file system. Relative file paths are
@@ -31,6 +35,10 @@ impl SecretSource for EnvAndFiles {
     fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
         let full = self.base.join(path);
         std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
+    }
+
+    fn locate(&self, path: &Path) -> PathBuf {
+        self.base.join(path)
     }
 }
 
@@ -61,6 +69,10 @@ impl SecretSource for Placeholders {
 
     fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
         self.real.file(path)
+    }
+
+    fn locate(&self, path: &Path) -> PathBuf {
+        self.real.locate(path)
     }
 }
 

@@ -200,7 +200,12 @@ impl Cx<'_> {
                 );
             }
         }
+        let tls = s.tls.as_ref().map(|t| self.tls(t, listen));
+        if matches!(tls, Some(None)) {
+            return None;
+        }
         Some(Server {
+            tls: tls.flatten(),
             admin_token,
             listen: listen?,
             admin_listen: admin_listen?,
@@ -1556,6 +1561,8 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+mod tls;
 
 #[cfg(test)]
 mod tests;

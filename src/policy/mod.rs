@@ -219,6 +219,8 @@ pub struct Server {
     pub underscore_headers: Underscores,
     /// The bearer token `POST /reload` needs, when one is configured.
     pub admin_token: Option<Vec<u8>>,
+    /// `[server.tls]`: TLS on `listen`.
+    pub tls: Option<std::sync::Arc<crate::tls::TlsPolicy>>,
 }
 
 /// `[state] backend`.

@@ -101,6 +101,10 @@ fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<&'static str> {
     if old.server.state_dir != new.server.state_dir {
         changed.push("server.state_dir");
     }
+    let redirect = |p: &Policy| p.server.tls.as_ref().and_then(|t| t.redirect_listen);
+    if redirect(old) != redirect(new) {
+        changed.push("server.tls.redirect_listen");
+    }
     if old.server.grace_period != new.server.grace_period {
         changed.push("server.grace_period");
     }

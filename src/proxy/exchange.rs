@@ -113,14 +113,24 @@ enum BodyFailure {
     Malformed(&'static str),
 }
 
-/// Serve one accepted connection until either side ends it.
-pub async fn serve<S>(worker: Rc<Worker>, stream: S, peer: IpAddr)
+/// What a TLS connection brings to its requests.
+#[derive(Default)]
+pub struct TlsInfo {
+    /// `Strict-Transport-Security` for every answer, as the policy said
+    /// when the connection was accepted.
+    pub hsts: Option<Box<str>>,
+}
+
+/// Serve one accepted connection until either side ends it; `tls` when it
+/// came over TLS.
+pub async fn serve<S>(worker: Rc<Worker>, stream: S, peer: IpAddr, tls: Option<TlsInfo>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     worker.active.set(worker.active.get() + 1);
     let mut client = Client {
         stream,
+        tls,
         peer,
         peer_text: peer.to_string(),
         buf: Vec::with_capacity(READ_CHUNK),
@@ -156,6 +166,7 @@ where
 
 struct Client<S> {
     stream: S,
+    tls: Option<TlsInfo>,
     peer: IpAddr,
     /// `peer` as text, for `X-Forwarded-For`.
     peer_text: String,
@@ -629,6 +640,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 principal,
                 request_id: &x.request_id,
                 upgrade,
+                https: self.tls.is_some(),
             };
             let target = match &target {
                 Target::Buf(range) => &self.buf[range.clone()],
@@ -978,6 +990,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             &self.up_buf,
             &x.request_id,
             rate.as_ref().map(|r| (&*x.policy, r)),
+            self.tls.as_ref().and_then(|t| t.hsts.as_deref()),
         );
         match resp.body {
             BodyKind::Length(n) => header_u64(out, b"content-length", n),
@@ -1104,6 +1117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let body = gate::error_body(status, refusal.code(), &refusal.message(), &request_id);
         json_head(
             &mut self.out,
+            self.tls.as_ref().and_then(|t| t.hsts.as_deref()),
             status,
             "no-store",
             &request_id,
@@ -1175,6 +1189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         };
         json_head(
             &mut self.out,
+            self.tls.as_ref().and_then(|t| t.hsts.as_deref()),
             status,
             cache_control,
             &x.request_id,
@@ -1333,6 +1348,7 @@ fn request_id(sent: Option<&[u8]>) -> String {
 /// Status line and the headers every JSON answer carries; no blank line.
 fn json_head(
     out: &mut Vec<u8>,
+    hsts: Option<&str>,
     status: u16,
     cache_control: &str,
     request_id: &str,
@@ -1345,6 +1361,9 @@ fn json_head(
     header_u64(out, b"content-length", len as u64);
     header(out, b"cache-control", cache_control.as_bytes());
     header(out, b"x-request-id", request_id.as_bytes());
+    if let Some(hsts) = hsts {
+        header(out, b"strict-transport-security", hsts.as_bytes());
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }

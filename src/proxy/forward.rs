@@ -57,6 +57,8 @@ pub struct Plan<'a> {
     pub request_id: &'a str,
     /// The protocol of an allowed `Upgrade` (lower case).
     pub upgrade: Option<&'a str>,
+    /// The request came over TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
 }
 
 /// Write the request head the upstream receives into `out` (cleared):
@@ -152,7 +154,8 @@ pub fn request_head(
     out.extend_from_slice(plan.peer_text.as_bytes());
     out.extend_from_slice(b"\r\n");
     if !proto_sent {
-        header(out, b"x-forwarded-proto", b"http");
+        let proto: &[u8] = if plan.https { b"https" } else { b"http" };
+        header(out, b"x-forwarded-proto", proto);
     }
     if let Some(protocol) = plan.upgrade {
         header(out, b"connection", b"upgrade");
@@ -195,6 +198,7 @@ pub fn response_head(
     buf: &[u8],
     request_id: &str,
     rate: Option<(&Policy, &RateInfo)>,
+    hsts: Option<&str>,
 ) {
     let view = HeadView {
         buf,
@@ -209,6 +213,7 @@ pub fn response_head(
         let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
         if hop.drops(name)
             || is(b"x-request-id")
+            || (hsts.is_some() && is(b"strict-transport-security"))
             || (rate.is_some()
                 && (is(b"x-ratelimit-limit")
                     || is(b"x-ratelimit-remaining")
@@ -222,6 +227,9 @@ pub fn response_head(
         header(out, name, h.value.get(buf));
     }
     header(out, b"x-request-id", request_id.as_bytes());
+    if let Some(hsts) = hsts {
+        header(out, b"strict-transport-security", hsts.as_bytes());
+    }
     if let Some((policy, rate)) = rate {
         rate_headers(out, policy, rate);
     }

@@ -31,6 +31,8 @@ pub struct Front {
     pub shared: Arc<Shared>,
     /// Bound before the server starts, so a taken port fails `keygate run` at once.
     pub listener: Option<StdListener>,
+    /// `server.tls.redirect_listen`, bound before the start too.
+    pub redirect: Option<StdListener>,
     pub threads: usize,
     pub grace: Duration,
 }
@@ -46,6 +48,7 @@ impl pingora::services::Service for Front {
         let Some(listener) = self.listener.take() else {
             return;
         };
+        let redirect = self.redirect.take();
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut workers = Vec::new();
         for i in 0..self.threads.max(1) {
@@ -56,19 +59,21 @@ impl pingora::services::Service for Front {
                     continue;
                 }
             };
+            let redirect = redirect.as_ref().and_then(|r| r.try_clone().ok());
             let shared = self.shared.clone();
             let stop = stop_rx.clone();
             let grace = self.grace;
             let spawned = std::thread::Builder::new()
                 .name(format!("keygate-proxy-{i}"))
-                .spawn(move || run_worker(listener, shared, stop, grace));
+                .spawn(move || run_worker(listener, redirect, shared, stop, grace));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(e) => tracing::error!(error = %e, "could not start a proxy thread"),
             }
         }
-        // Only the workers hold the socket now: when they stop, it closes.
+        // Only the workers hold the sockets now: when they stop, they close.
         drop(listener);
+        drop(redirect);
         super::notify::ready();
         let _ = shutdown.changed().await;
         super::notify::notify("STOPPING=1");
@@ -100,6 +105,7 @@ impl pingora::services::Service for Front {
 /// shared listener until shutdown, then draining for at most `grace`.
 fn run_worker(
     listener: StdListener,
+    redirect: Option<StdListener>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
@@ -124,6 +130,17 @@ fn run_worker(
             Err(e) => {
                 tracing::error!(error = %e, "could not listen");
                 return;
+            }
+        };
+        let redirect = match redirect.map(|r| {
+            r.set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(r))
+        }) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "could not listen for plain HTTP (server.tls.redirect_listen)");
+                None
             }
         };
         // The watchdog's sign that this thread's event loop still turns.
@@ -152,7 +169,17 @@ fn run_worker(
                     Ok((stream, addr)) => {
                         let _ = stream.set_nodelay(true);
                         let peer = addr.ip().to_canonical();
-                        tokio::task::spawn_local(exchange::serve(worker.clone(), stream, peer));
+                        // TLS or not as the policy says now: a reload that
+                        // adds or changes [server.tls] applies to the next
+                        // connection.
+                        match worker.shared.store.load().server.tls.clone() {
+                            None => {
+                                tokio::task::spawn_local(exchange::serve(worker.clone(), stream, peer, None));
+                            }
+                            Some(tls) => {
+                                tokio::task::spawn_local(super::tls::serve(worker.clone(), stream, peer, tls));
+                            }
+                        }
                     }
                     Err(e) => {
                         // Out of descriptors or memory: back off instead of spinning.
@@ -160,9 +187,20 @@ fn run_worker(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
+                accepted = accept_opt(redirect.as_ref()) => match accepted {
+                    Ok((stream, _)) => {
+                        let policy = worker.shared.store.load();
+                        tokio::task::spawn_local(super::tls::redirect(stream, policy));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed (server.tls.redirect_listen)");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
             }
         }
         drop(listener);
+        drop(redirect);
         worker.draining.set(true);
         worker.drain.notify_waiters();
         let deadline = Instant::now() + grace;
@@ -170,4 +208,14 @@ fn run_worker(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+}
+
+/// Accept on `listener`, or never when there is none.
+async fn accept_opt(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
 }

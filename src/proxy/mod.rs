@@ -16,6 +16,7 @@ pub mod refusal;
 mod relay;
 mod reload;
 pub mod sample_upstream;
+mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -107,6 +108,12 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             server_settings.listen
         )
     })?;
+    let redirect = match server_settings.tls.as_ref().and_then(|t| t.redirect_listen) {
+        None => None,
+        Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr} (server.tls.redirect_listen): {e}")
+        })?),
+    };
     server.add_service(front::Front {
         shared: Arc::new(exchange::Shared {
             store: store.clone(),
@@ -115,6 +122,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             fleet,
         }),
         listener: Some(listener),
+        redirect,
         threads: server_settings.threads,
         grace: server_settings.grace_period,
     });

@@ -151,22 +151,49 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
     })
 }
 
-/// The identity of every file the configuration is made of (the main file
-/// and what its `include` patterns match now: a file added to `users.d/`
-/// counts as a change too).
-fn fingerprints(path: &std::path::Path) -> Option<Vec<Fingerprint>> {
-    crate::config::include::files(path)
-        .iter()
-        .map(|p| fingerprint(p))
-        .collect()
+/// Every file the running policy is made of: the main file, what its
+/// `include` patterns match now (a file added to `users.d/` counts as a
+/// change too), and the TLS certificates, keys and client CAs it read.
+fn watched(store: &PolicyStore) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    let config = crate::config::include::files(store.path());
+    let tls = store
+        .load()
+        .server
+        .tls
+        .as_ref()
+        .map(|t| t.files.clone())
+        .unwrap_or_default();
+    (config, tls)
 }
 
-fn content_hash(path: &std::path::Path) -> Option<[u8; 32]> {
+/// The identity of each watched file. A configuration file missing for a
+/// moment (mid-rename) is `None` overall: look again later. A missing TLS
+/// file is a change like any other, so its reload is tried and its error
+/// logged.
+fn fingerprints(store: &PolicyStore) -> Option<Vec<Option<Fingerprint>>> {
+    let (config, tls) = watched(store);
+    let mut out: Vec<Option<Fingerprint>> = config
+        .iter()
+        .map(|p| fingerprint(p).map(Some))
+        .collect::<Option<_>>()?;
+    out.extend(tls.iter().map(|p| fingerprint(p)));
+    Some(out)
+}
+
+fn content_hash(store: &PolicyStore) -> Option<[u8; 32]> {
     use sha2::Digest;
+    let (config, tls) = watched(store);
     let mut h = sha2::Sha256::new();
-    for file in crate::config::include::files(path) {
+    for file in config {
         h.update(file.as_os_str().as_encoded_bytes());
         h.update(std::fs::read(&file).ok()?);
+    }
+    for file in tls {
+        h.update(file.as_os_str().as_encoded_bytes());
+        match std::fs::read(&file) {
+            Ok(bytes) => h.update(bytes),
+            Err(_) => h.update(b"\0missing"),
+        }
     }
     Some(h.finalize().into())
 }
@@ -174,15 +201,15 @@ fn content_hash(path: &std::path::Path) -> Option<[u8; 32]> {
 #[async_trait]
 impl BackgroundService for FileWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let path = self.store.path().to_path_buf();
-        let mut seen = fingerprints(&path);
-        let mut loaded = content_hash(&path);
+        let store = &*self.store;
+        let mut seen = fingerprints(store);
+        let mut loaded = content_hash(store);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(WATCH_EVERY) => {}
                 _ = shutdown.changed() => return,
             }
-            let now = fingerprints(&path);
+            let now = fingerprints(store);
             if now == seen || now.is_none() {
                 // Missing for a moment (mid-rename): look again next time.
                 continue;
@@ -191,21 +218,24 @@ impl BackgroundService for FileWatcher {
             let mut settled = now;
             for _ in 0..10 {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                let again = fingerprints(&path);
+                let again = fingerprints(store);
                 if again == settled {
                     break;
                 }
                 settled = again;
             }
             seen = settled;
-            let hash = content_hash(&path);
+            let hash = content_hash(store);
             if hash.is_none() || hash == loaded {
                 continue;
             }
-            loaded = hash;
             let store = self.store.clone();
             let status = self.status.clone();
             let _ = tokio::task::spawn_blocking(move || reload_now(&store, &status, "file")).await;
+            // A reload may have changed the set of files (new includes,
+            // other certificates): watch what the policy is made of now.
+            seen = fingerprints(&self.store);
+            loaded = content_hash(&self.store);
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod redis;
 pub mod seed;
 pub mod strict;
+pub mod tls;
 pub mod upstream;
 
 use std::io::Read;

@@ -82,7 +82,7 @@ fn run(worker: Rc<Worker>, request: &'static [u8]) -> String {
     local.block_on(&rt, async move {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let peer = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
-        let served = tokio::task::spawn_local(serve(worker, server, peer));
+        let served = tokio::task::spawn_local(serve(worker, server, peer, None));
         client.write_all(request).await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();

@@ -14,6 +14,7 @@ fn forwarded(policy: &Policy, text: &str) -> String {
         principal: None,
         request_id: "rid-1",
         upgrade: allowed_upgrade(policy, &head, buf),
+        https: false,
     };
     let mut out = Vec::new();
     request_head(&mut out, &plan, &head, buf, head.target.get(buf));
@@ -109,7 +110,7 @@ fn answers_lose_their_framing_and_connection_named_headers() {
         .unwrap()
         .unwrap();
     let mut out = Vec::new();
-    response_head(&mut out, &resp, buf, "rid-2", None);
+    response_head(&mut out, &resp, buf, "rid-2", None, None);
     let out = String::from_utf8(out).unwrap();
     assert_eq!(
         out,

@@ -1,0 +1,427 @@
+//! TLS on the public listener, against real peers: keygate's own rustls
+//! client, curl, `openssl s_client` and Python's `ssl`, all trusting a CA
+//! made in the test. SNI selection, live certificate rotation under load,
+//! bad files at reload, the redirect listener, HSTS, metrics and `check`.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::tls::{client_config, Ca, Conn};
+use support::*;
+
+/// The usual configuration with `[server.tls]` (`tls` is its body).
+fn tls_config(tls: &str) -> String {
+    format!("{}\n[server.tls]\n{tls}\n", config())
+}
+
+fn pki(dir: &Path) -> Ca {
+    let ca = Ca::new("keygate test CA");
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    ca.server("default.test", &["localhost", "default.test"])
+        .install(dir, "default");
+    ca.server("api.test", &["api.test"]).install(dir, "api");
+    ca
+}
+
+fn base_tls(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"cert_file = "{d}/default.crt"
+key_file = "{d}/default.key"
+hsts_max_age = "365d"
+handshake_timeout = "1s"
+[[server.tls.certs]]
+sni = "api.test"
+cert_file = "{d}/api.crt"
+key_file = "{d}/api.key"
+"#
+    )
+}
+
+/// [`base_tls`] without the SNI certificate, so more keys can follow.
+fn default_only(dir: &Path) -> String {
+    let full = base_tls(dir);
+    full.split("[[server.tls.certs]]")
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn https_is_served_by_sni_with_hsts_and_x_forwarded_proto() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = pki(certs.path());
+    let upstream = Upstream::start();
+    let kg = Keygate::start(&tls_config(&base_tls(certs.path())), upstream.port);
+    let config = client_config(&ca.pem, None);
+
+    let mut api = Conn::open(kg.port, "api.test", config.clone()).unwrap();
+    assert_eq!(api.peer_cn(), "api.test");
+    assert_eq!(api.version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    let r = api
+        .get(
+            "/v1/vms",
+            &[("x-api-key", KEY_DEPLOY), ("x-forwarded-proto", "http")],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(
+        r.header("strict-transport-security").as_deref(),
+        Some("max-age=31536000")
+    );
+    let seen = upstream.last();
+    assert_eq!(seen.all("x-forwarded-proto"), ["https"]);
+    // Keep-alive over TLS: a second request on the same connection, and a
+    // refusal written by keygate itself carries HSTS too.
+    let r = api.get("/v1/vms", &[]).unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.header("strict-transport-security").is_some());
+    assert!(r.body.contains("missing_credentials"), "{}", r.body);
+
+    let mut default = Conn::open(kg.port, "localhost", config.clone()).unwrap();
+    assert_eq!(default.peer_cn(), "default.test");
+    // (The session tickets arrive after the handshake, read with an answer.)
+    assert_eq!(default.get("/v1/status", &[]).unwrap().status, 200);
+    // The same client again: the session is resumed (TLS 1.3 tickets).
+    drop(default);
+    let again = Conn::open(kg.port, "localhost", config.clone()).unwrap();
+    assert!(matches!(
+        again.tls.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    ));
+
+    // curl, verifying the chain and the name it asked for.
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--cacert"])
+        .arg(certs.path().join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("api.test:{}:127.0.0.1", kg.port))
+        .args(["-H", &format!("X-API-Key: {KEY_DEPLOY}")])
+        .arg(format!("https://api.test:{}/v1/vms", kg.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // openssl s_client: an unknown name gets the default certificate, a
+    // known one its own.
+    for (name, cn) in [("nobody.test", "default.test"), ("api.test", "api.test")] {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect"])
+            .arg(format!("127.0.0.1:{}", kg.port))
+            .args(["-servername", name, "-CAfile"])
+            .arg(certs.path().join("ca.pem"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("subject=CN = {cn}")),
+            "{name}: {text}"
+        );
+    }
+
+    assert!(kg.metric(r#"keygate_tls_handshakes_total{result="ok",version="TLSv1.3"}"#) >= 4.0);
+    assert!(
+        kg.metric(r#"keygate_tls_handshakes_total{result="resumed",version="TLSv1.3"}"#) >= 1.0
+    );
+    let expiry = kg.metric(
+        r#"keygate_tls_certificate_expiry_timestamp_seconds{cert="api.test",subject="CN=api.test"}"#,
+    );
+    let in_days = (expiry - now() as f64) / 86_400.0;
+    assert!((88.0..=90.0).contains(&in_days), "{in_days}");
+}
+
+#[test]
+fn min_version_and_plain_http_on_the_tls_port_are_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    pki(certs.path());
+    let upstream = Upstream::start();
+    let tls = format!("{}min_version = \"1.3\"\n", default_only(certs.path()));
+    let kg = Keygate::start(&tls_config(&tls), upstream.port);
+    let ca = certs.path().join("ca.pem");
+    let python = |max: &str| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.maximum_version = ssl.TLSVersion.{max}
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="localhost")
+print(s.version())
+"#
+            ))
+            .arg(kg.port.to_string())
+            .arg(&ca)
+            .output()
+            .unwrap()
+    };
+    let ok = python("TLSv1_3");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "TLSv1.3");
+    let old = python("TLSv1_2");
+    assert!(
+        !old.status.success(),
+        "TLS 1.2 was accepted with min_version 1.3"
+    );
+
+    // Plain HTTP on the TLS port: the handshake fails, nothing goes upstream.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        format!("GET /v1/vms HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY_DEPLOY}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(upstream.count(), 0);
+    // A client that never speaks is dropped after handshake_timeout.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", kg.port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let n = idle.read(&mut [0u8; 16]).unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    wait_for("the handshake metrics", || {
+        kg.metric(r#"keygate_tls_handshakes_total{result="failed",version="none"}"#) >= 2.0
+            && kg.metric(r#"keygate_tls_handshakes_total{result="timeout",version="none"}"#) >= 1.0
+    });
+}
+
+/// A certificate rewritten on disk (key then certificate, each by rename,
+/// as certbot and cert-manager do) serves the next handshakes; connections
+/// already open keep working; handshakes in a loop meanwhile never fail; a
+/// mismatched key or an expired certificate is refused and the last good
+/// one keeps serving.
+#[test]
+fn certificates_rotate_live_and_a_bad_file_keeps_the_old_one() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = pki(certs.path());
+    let upstream = Upstream::start();
+    let kg = Keygate::start(&tls_config(&base_tls(certs.path())), upstream.port);
+    let config = client_config(&ca.pem, None);
+    let mut open = Conn::open(kg.port, "localhost", config.clone()).unwrap();
+    assert_eq!(open.peer_cn(), "default.test");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, done, failures, config) =
+                (stop.clone(), done.clone(), failures.clone(), config.clone());
+            let port = kg.port;
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = Conn::open(port, "localhost", config.clone())
+                        .and_then(|mut c| c.get("/v1/vms", &[("x-api-key", KEY_CI)]));
+                    match r {
+                        Ok(r) if r.status == 200 => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.lock().unwrap().push(r.head),
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // A fresh client each time: a resumed session would report the
+    // certificate of the handshake it resumes.
+    let cn_now = || {
+        Conn::open(kg.port, "localhost", client_config(&ca.pem, None))
+            .unwrap()
+            .peer_cn()
+    };
+    for round in 1..=3 {
+        let cn = format!("rotated-{round}.test");
+        ca.server(&cn, &["localhost"])
+            .install(certs.path(), "default");
+        wait_for("the rotated certificate", || cn_now() == cn);
+    }
+    // The connection opened before the rotations still works.
+    let r = open.get("/v1/vms", &[("x-api-key", KEY_CI)]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(open.peer_cn(), "default.test");
+
+    // A key that is not the certificate's: refused, the last good pair serves.
+    let failed = |kg: &Keygate| kg.metric(r#"keygate_config_reloads_total{result="failure"}"#);
+    let before = failed(&kg);
+    let other = ca.server("other.test", &["localhost"]);
+    std::fs::write(certs.path().join("default.key"), &other.key).unwrap();
+    wait_for("the mismatched key to be refused", || failed(&kg) > before);
+    assert!(kg.stderr().contains("does not belong to the certificate"));
+    assert_eq!(cn_now(), "rotated-3.test");
+
+    // An expired pair: refused too.
+    let before = failed(&kg);
+    let expired = ca.leaf(
+        "expired.test",
+        &["localhost"],
+        -60,
+        30,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    expired.install(certs.path(), "default");
+    wait_for("the expired certificate to be refused", || {
+        failed(&kg) > before
+    });
+    assert!(kg.stderr().contains("expired at"));
+    assert_eq!(cn_now(), "rotated-3.test");
+
+    // Good again: served again.
+    ca.server("good-again.test", &["localhost"])
+        .install(certs.path(), "default");
+    wait_for("the good certificate", || cn_now() == "good-again.test");
+
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(
+        done.load(Ordering::Relaxed) >= 20,
+        "too few requests under load"
+    );
+    // No secret or key material in the logs.
+    assert!(!kg.stderr().contains("PRIVATE KEY"));
+}
+
+#[test]
+fn the_redirect_listener_answers_308_to_https() {
+    let certs = tempfile::tempdir().unwrap();
+    pki(certs.path());
+    let upstream = Upstream::start();
+    let plain = free_port();
+    let tls = format!(
+        "redirect_listen = \"127.0.0.1:{plain}\"\n{}",
+        base_tls(certs.path())
+    );
+    let kg = Keygate::start(&tls_config(&tls), upstream.port);
+    let ask = |req: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", plain)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let out = ask("GET /v1/vms?page=2 HTTP/1.1\r\nHost: api.test:80\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 308"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "location: https://api.test:{}/v1/vms?page=2\r\n",
+            kg.port
+        )),
+        "{out}"
+    );
+    let out = ask("GET / HTTP/1.1\r\nHost: evil.test/x\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = ask("GET /\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(upstream.count(), 0);
+}
+
+fn check(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("KEYGATE_TEST_HS", HS_SECRET)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn filled(tls: &str) -> String {
+    tls_config(tls)
+        .replace("{listen}", "127.0.0.1:18443")
+        .replace("{admin}", "127.0.0.1:19090")
+        .replace("{upstream}", "http://127.0.0.1:18080")
+        .replace("{keys}", &fixture("keys").display().to_string())
+        .replace("{state}", "/tmp/keygate-tls-check-state")
+}
+
+#[test]
+fn check_verifies_keys_and_expiry() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = pki(certs.path());
+    let d = certs.path();
+    let (ok, out) = check(&filled(&base_tls(d)));
+    assert!(ok, "{out}");
+
+    let other = ca.server("other.test", &["localhost"]);
+    std::fs::write(d.join("other.key"), &other.key).unwrap();
+    let (ok, out) = check(&filled(&base_tls(d).replacen(
+        "default.key",
+        "other.key",
+        1,
+    )));
+    assert!(!ok);
+    assert!(out.contains("does not belong to the certificate"), "{out}");
+    assert!(out.contains("keygate.toml:"), "{out}");
+
+    let usage = rcgen::ExtendedKeyUsagePurpose::ServerAuth;
+    ca.leaf("old.test", &["localhost"], -60, 30, usage.clone())
+        .install(d, "old");
+    let (ok, out) = check(&filled(&base_tls(d).replace("default.", "old.")));
+    assert!(!ok);
+    assert!(out.contains("expired at"), "{out}");
+
+    ca.leaf("soon.test", &["localhost"], -60, 65, usage)
+        .install(d, "soon");
+    let (ok, out) = check(&filled(&base_tls(d).replace("default.", "soon.")));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("expires in 4 days") || out.contains("expires in 5 days"),
+        "{out}"
+    );
+
+    let (ok, out) = check(&filled(&format!(
+        "{}alpn = [\"spdy/3\"]\n",
+        default_only(d)
+    )));
+    assert!(!ok);
+    assert!(out.contains("unknown ALPN protocol"), "{out}");
+}
