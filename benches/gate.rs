@@ -159,6 +159,7 @@ fn bench_decisions(c: &mut Criterion) {
             method: &get,
             path,
             headers,
+            client_cert: None,
         };
         // The bench policy's tier is unlimited: the limiter has benches of its own.
         let limiter = Limiter::new();
@@ -224,6 +225,7 @@ fn bench_decisions(c: &mut Criterion) {
                         method: &get,
                         path: "/v1/vms/vm-1",
                         headers: &pool[next],
+                        client_cert: None,
                     };
                     let d = decide(
                         black_box(&policy),

@@ -425,3 +425,137 @@ fn check_verifies_keys_and_expiry() {
     assert!(!ok);
     assert!(out.contains("unknown ALPN protocol"), "{out}");
 }
+
+/// Client certificates as credentials: bound by subject, fingerprint or
+/// subjectAltName to the same tier, permissions and `ip_allow` an API key
+/// has; a header credential wins over the certificate; revoking is
+/// removing the entry (live, even on an open connection); `required`
+/// refuses a handshake without one.
+#[test]
+fn client_certificates_are_credentials() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let ca = pki(d);
+    let clients = Ca::new("keygate test client CA");
+    std::fs::write(d.join("clients.pem"), &clients.pem).unwrap();
+    let billing = clients.client("billing", "billing.internal");
+    let reports = clients.client("reports", "reports.internal");
+    let metrics = clients.client("metrics", "metrics.internal");
+    let stranger = clients.client("stranger", "stranger.internal");
+    let foreign = Ca::new("someone else's CA").client("billing", "billing.internal");
+    billing.install(d, "billing");
+    let bindings = |with_billing: bool| {
+        format!(
+            r#"{billing}
+[[client_certs]]
+id = "reports"
+sha256 = "{reports}"
+tier = "free"
+permissions = ["vms:read"]
+ip_allow = ["198.51.100.0/24"]
+
+[[client_certs]]
+id = "metrics"
+san = "METRICS.internal"
+tier = "enterprise"
+permissions = ["vms:read"]
+"#,
+            billing = if with_billing {
+                "[[client_certs]]\nid = \"billing\"\nsubject = \"CN = billing\"\ntier = \"enterprise\"\npermissions = [\"vms:read\"]\n"
+            } else {
+                ""
+            },
+            reports = support::tls::fingerprint(&reports.cert).to_uppercase(),
+        )
+    };
+    let tls = |auth: &str, with_billing: bool| {
+        let config = tls_config(&format!(
+            "{}client_ca_file = \"{}/clients.pem\"\nclient_auth = \"{auth}\"\n",
+            default_only(d),
+            d.display()
+        ));
+        // [[client_certs]] after [server.tls] would be read as part of it.
+        config.replacen(
+            "\n[server.tls]",
+            &format!("\n{}\n[server.tls]", bindings(with_billing)),
+            1,
+        )
+    };
+    let upstream = Upstream::start();
+    let kg = Keygate::start(&tls("optional", true), upstream.port);
+    let get = |who: Option<&support::tls::Leaf>, headers: &[(&str, &str)]| {
+        let mut c = Conn::open(kg.port, "localhost", client_config(&ca.pem, who))?;
+        c.get("/v1/vms", headers)
+    };
+
+    let mut held =
+        Conn::open(kg.port, "localhost", client_config(&ca.pem, Some(&billing))).unwrap();
+    let r = held.get("/v1/vms", &[]).unwrap();
+    assert_eq!(r.status, 200, "{}{}", r.head, r.body);
+    let seen = upstream.last();
+    assert_eq!(seen.header("x-auth-method"), Some("mtls"));
+    assert_eq!(seen.header("x-auth-key-id"), Some("billing"));
+    assert_eq!(seen.header("x-auth-tier"), Some("enterprise"));
+
+    // A credential in the request wins over the certificate.
+    let r = get(Some(&billing), &[("x-api-key", KEY_DEPLOY)]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(upstream.last().header("x-auth-method"), Some("api_key"));
+
+    let r = get(Some(&metrics), &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(upstream.last().header("x-auth-key-id"), Some("metrics"));
+
+    let r = get(Some(&reports), &[]).unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("ip_not_allowed"));
+
+    let r = get(Some(&stranger), &[]).unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("invalid_client_certificate"), "{}", r.body);
+
+    let r = get(None, &[]).unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("missing_credentials"));
+
+    // Signed by a CA keygate does not trust: no handshake at all.
+    assert!(get(Some(&foreign), &[]).is_err());
+
+    // curl with a client certificate.
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(d.join("ca.pem"))
+        .arg("--cert")
+        .arg(d.join("billing.crt"))
+        .arg("--key")
+        .arg(d.join("billing.key"))
+        .arg(format!("https://localhost:{}/v1/vms", kg.port))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Revoked: removed from the policy; the open connection's next request
+    // is refused.
+    let before = kg.metric(r#"keygate_config_reloads_total{result="success"}"#);
+    kg.write_config(&tls("optional", false), upstream.port);
+    wait_for("the reload", || {
+        kg.metric(r#"keygate_config_reloads_total{result="success"}"#) > before
+    });
+    let r = held.get("/v1/vms", &[]).unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("invalid_client_certificate"));
+
+    // required: no certificate, no handshake.
+    let before = kg.metric(r#"keygate_config_reloads_total{result="success"}"#);
+    kg.write_config(&tls("required", true), upstream.port);
+    wait_for("the reload", || {
+        kg.metric(r#"keygate_config_reloads_total{result="success"}"#) > before
+    });
+    assert!(get(None, &[("x-api-key", KEY_DEPLOY)]).is_err());
+    assert_eq!(get(Some(&billing), &[]).unwrap().status, 200);
+}

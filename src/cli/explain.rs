@@ -131,6 +131,7 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         method: &method,
         path: &path,
         headers: &headers,
+        client_cert: None,
     };
     // A fresh limiter: explain shows the tier that would apply, not live counters.
     let d = gate::decide(policy, &Limiter::new(), &facts, now_us);

@@ -18,7 +18,12 @@ use super::diagnostics::LineIndex;
 use super::{ConfigError, Severity};
 
 /// The tables an included file may hold.
-const ALLOWED: [&str; 3] = ["[[users]]", "[[api_keys]]", "[[routes]]"];
+const ALLOWED: [&str; 4] = [
+    "[[users]]",
+    "[[api_keys]]",
+    "[[client_certs]]",
+    "[[routes]]",
+];
 
 /// The main file and its includes, as one text.
 #[derive(Debug)]

@@ -40,6 +40,9 @@ pub struct File {
     pub users: Vec<Spanned<User>>,
     #[serde(default)]
     pub api_keys: Vec<Spanned<ApiKey>>,
+    /// Client certificates (mTLS) bound to a principal, like API keys.
+    #[serde(default)]
+    pub client_certs: Vec<Spanned<ClientCert>>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,
     #[serde(default)]
@@ -268,11 +271,34 @@ pub struct User {
     pub tokens_valid_after: Option<Str>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     pub id: Str,
     pub sha256: Str,
+    pub user: Option<Str>,
+    pub tier: Option<Str>,
+    pub permissions: Option<Vec<Str>>,
+    #[serde(default)]
+    pub ip_allow: Vec<Str>,
+    pub expires_at: Option<Str>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// `[[client_certs]]`: a principal proven by a client certificate (one
+/// of `sha256`, `subject`, `san`), with an API key's other fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCert {
+    pub id: Str,
+    /// The certificate's SHA-256 fingerprint (hex, colons allowed).
+    pub sha256: Option<Str>,
+    /// Its subject, e.g. `CN=billing,O=Example` (attribute order and
+    /// spaces do not matter).
+    pub subject: Option<Str>,
+    /// One of its subjectAltName DNS names or URIs (e.g. a SPIFFE id).
+    pub san: Option<Str>,
     pub user: Option<Str>,
     pub tier: Option<Str>,
     pub permissions: Option<Vec<Str>>,

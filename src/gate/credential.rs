@@ -87,6 +87,55 @@ fn classify(token: &str) -> Credential<'_> {
     }
 }
 
+/// What a verified client certificate (mTLS) shows, worked out once per
+/// connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCert {
+    pub sha256: [u8; 32],
+    /// Its subject as [`normalize_subject`] writes it.
+    pub subject: String,
+    /// Its subjectAltName DNS names (lower case) and URIs.
+    pub sans: Vec<String>,
+}
+
+/// A distinguished name as `K=V` pairs, sorted, keys upper case, joined by
+/// commas: `CN=billing, O=Example` and `O=Example,CN=billing` are equal.
+/// `None` when a part is not `K=V`.
+pub fn normalize_subject(dn: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for part in dn.split([',', '+']) {
+        let (k, v) = part.split_once('=')?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            return None;
+        }
+        parts.push(format!("{}={v}", k.to_ascii_uppercase()));
+    }
+    parts.sort();
+    Some(parts.join(","))
+}
+
+/// The binding of a client certificate: by fingerprint, subject, then
+/// subjectAltName, if it may be used now.
+pub fn find_client_cert(policy: &Policy, cert: &PeerCert, now: u64) -> Result<KeyIdx, Denial> {
+    let idx = policy
+        .client_cert(cert)
+        .ok_or(Denial::InvalidClientCert("no principal is bound to it"))?;
+    let entry = policy.api_key(idx);
+    if entry.disabled {
+        return Err(Denial::InvalidClientCert("its binding is disabled"));
+    }
+    if entry.expires_at.is_some_and(|t| now >= t) {
+        return Err(Denial::InvalidClientCert("its binding has expired"));
+    }
+    if let Some(owner) = entry.owner {
+        if policy.user(owner).disabled {
+            return Err(Denial::InvalidClientCert("its owner is disabled"));
+        }
+    }
+    Ok(idx)
+}
+
 /// The API key whose SHA-256 the policy lists, if it may be used now.
 pub fn find_api_key(policy: &Policy, key: &str, now: u64) -> Result<KeyIdx, Denial> {
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -128,6 +177,16 @@ mod tests {
 
     fn x_api_key() -> &'static str {
         "x-api-key"
+    }
+
+    #[test]
+    fn subjects_compare_without_regard_to_order_and_spaces() {
+        let a = normalize_subject("CN=billing, O=Example").unwrap();
+        assert_eq!(normalize_subject("o = Example,CN = billing").unwrap(), a);
+        assert_eq!(a, "CN=billing,O=Example");
+        assert_ne!(normalize_subject("CN=billing").unwrap(), a);
+        assert_eq!(normalize_subject("billing"), None);
+        assert_eq!(normalize_subject("=x"), None);
     }
 
     #[test]

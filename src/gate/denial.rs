@@ -12,6 +12,9 @@ pub enum Denial {
     InvalidToken(&'static str),
     TokenExpired,
     InvalidApiKey(&'static str),
+    /// The connection's client certificate (mTLS) is the only credential
+    /// and no usable principal is bound to it.
+    InvalidClientCert(&'static str),
     IpNotAllowed,
     /// The route needs this permission and the principal does not hold it.
     InsufficientPermissions(Box<str>),
@@ -26,12 +29,13 @@ pub enum Denial {
 
 impl Denial {
     /// Every code [`Denial::code`] can return (for metrics set up at 0).
-    pub const CODES: [&'static str; 10] = [
+    pub const CODES: [&'static str; 11] = [
         "invalid_request",
         "missing_credentials",
         "invalid_token",
         "token_expired",
         "invalid_api_key",
+        "invalid_client_certificate",
         "ip_not_allowed",
         "insufficient_permissions",
         "forbidden",
@@ -45,7 +49,8 @@ impl Denial {
             Denial::MissingCredentials
             | Denial::InvalidToken(_)
             | Denial::TokenExpired
-            | Denial::InvalidApiKey(_) => 401,
+            | Denial::InvalidApiKey(_)
+            | Denial::InvalidClientCert(_) => 401,
             Denial::IpNotAllowed | Denial::InsufficientPermissions(_) | Denial::Forbidden => 403,
             Denial::RateLimited => 429,
             Denial::StateUnavailable => 503,
@@ -59,6 +64,7 @@ impl Denial {
             Denial::InvalidToken(_) => "invalid_token",
             Denial::TokenExpired => "token_expired",
             Denial::InvalidApiKey(_) => "invalid_api_key",
+            Denial::InvalidClientCert(_) => "invalid_client_certificate",
             Denial::IpNotAllowed => "ip_not_allowed",
             Denial::InsufficientPermissions(_) => "insufficient_permissions",
             Denial::Forbidden => "forbidden",
@@ -76,6 +82,9 @@ impl Denial {
             Denial::InvalidToken(why) => format!("the access token is invalid: {why}"),
             Denial::TokenExpired => "the access token has expired".to_string(),
             Denial::InvalidApiKey(why) => format!("the API key is invalid: {why}"),
+            Denial::InvalidClientCert(why) => {
+                format!("the client certificate is not a credential here: {why}")
+            }
             Denial::IpNotAllowed => "requests from this address are not allowed".to_string(),
             Denial::InsufficientPermissions(p) => {
                 format!("this request needs the permission {p:?}")
@@ -95,7 +104,7 @@ impl Denial {
     pub fn challenge(&self) -> Option<String> {
         let realm = r#"Bearer realm="keygate""#;
         match self {
-            Denial::MissingCredentials => Some(realm.to_string()),
+            Denial::MissingCredentials | Denial::InvalidClientCert(_) => Some(realm.to_string()),
             Denial::InvalidToken(_) | Denial::TokenExpired | Denial::InvalidApiKey(_) => {
                 Some(format!(
                     r#"{realm}, error="invalid_token", error_description="{}""#,

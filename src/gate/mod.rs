@@ -15,7 +15,10 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderValue, Method};
 
-pub use credential::{extract as extract_credential, find_api_key, Credential, MAX_CREDENTIAL_LEN};
+pub use credential::{
+    extract as extract_credential, find_api_key, normalize_subject, Credential, PeerCert,
+    MAX_CREDENTIAL_LEN,
+};
 pub use denial::{error_body, Denial};
 pub use jwt::verify as verify_jwt;
 
@@ -30,6 +33,8 @@ pub struct RequestFacts<'a, H: HeaderSource + ?Sized = HeaderMap> {
     /// Already normalised (see [`path::normalize`]).
     pub path: &'a str,
     pub headers: &'a H,
+    /// The connection's verified client certificate, if any (mTLS).
+    pub client_cert: Option<&'a PeerCert>,
 }
 
 /// Request headers as the gate reads them: every value of one header, in
@@ -64,6 +69,8 @@ pub fn header_text(value: &[u8]) -> Option<&str> {
 pub enum AuthMethod {
     Jwt,
     ApiKey,
+    /// A client certificate verified in the TLS handshake.
+    Mtls,
 }
 
 impl AuthMethod {
@@ -71,6 +78,7 @@ impl AuthMethod {
         match self {
             AuthMethod::Jwt => "jwt",
             AuthMethod::ApiKey => "api_key",
+            AuthMethod::Mtls => "mtls",
         }
     }
 
@@ -275,13 +283,25 @@ fn judge<H: HeaderSource + ?Sized>(
         }
         Access::Authenticated => {}
     }
-    let principal = match credential::extract(req.headers, policy.auth.api_key_header.as_str())? {
-        Credential::Jwt(token) => Principal {
+    // A credential in the request wins; a client certificate is the
+    // credential of a request that carries none.
+    let principal = match credential::extract(req.headers, policy.auth.api_key_header.as_str()) {
+        Err(Denial::MissingCredentials) => {
+            let cert = req.client_cert.ok_or(Denial::MissingCredentials)?;
+            let idx = credential::find_client_cert(policy, cert, now)?;
+            Principal {
+                method: AuthMethod::Mtls,
+                user: policy.api_key(idx).owner,
+                key: Some(idx),
+            }
+        }
+        Err(e) => return Err(e),
+        Ok(Credential::Jwt(token)) => Principal {
             method: AuthMethod::Jwt,
             user: Some(jwt::verify(policy, token, now)?),
             key: None,
         },
-        Credential::ApiKey(key) => {
+        Ok(Credential::ApiKey(key)) => {
             let idx = credential::find_api_key(policy, key, now)?;
             Principal {
                 method: AuthMethod::ApiKey,

@@ -55,6 +55,7 @@ impl Req {
                 method: &self.method,
                 path: self.path,
                 headers: &self.headers,
+                client_cert: None,
             },
             NOW * 1_000_000,
         )
@@ -499,6 +500,7 @@ fn decide_shared(r: &Req, policy: &Policy, limiter: &Limiter) -> Decision {
             method: &r.method,
             path: r.path,
             headers: &r.headers,
+            client_cert: None,
         },
         NOW * 1_000_000,
     )
@@ -659,6 +661,7 @@ fn assess_is_pure_and_leaves_the_quota_to_the_limiter() {
         method: &r.method,
         path: r.path,
         headers: &r.headers,
+        client_cert: None,
     };
     let mut d = assess(&policy, &facts, NOW * 1_000_000);
     let need = d.pending.expect("bob's free tier is limited");

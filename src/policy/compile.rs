@@ -113,13 +113,13 @@ impl Cx<'_> {
         let jwt_keys = self.jwt_keys(&f.auth.keys);
         let (tiers, tier_index) = self.tiers(&f.tiers);
         let (users, users_by_id, users_by_email) = self.users(&f.users, &tier_index);
-        let (api_keys, api_keys_by_hash_prefix) = self.api_keys(
-            &f.api_keys,
-            &users,
-            &users_by_id,
-            &users_by_email,
-            &tier_index,
-        );
+        // Client certificates are API keys found another way: one list, so
+        // ids are unique across both and the same rules apply.
+        let mut entries = f.api_keys.clone();
+        entries.extend(f.client_certs.iter().map(as_api_key));
+        let (api_keys, api_keys_by_hash_prefix) =
+            self.api_keys(&entries, &users, &users_by_id, &users_by_email, &tier_index);
+        let client_certs = self.client_certs(&f.client_certs, f.api_keys.len());
         let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
         let webhooks = self.webhooks(&f.webhooks);
         let relay = f.webhook_relay.as_ref().map(|r| self.relay(r));
@@ -153,7 +153,82 @@ impl Cx<'_> {
             users_by_id,
             users_by_email,
             api_keys_by_hash_prefix,
+            client_certs,
         })
+    }
+
+    /// The index of `[[client_certs]]`, whose entries follow the API keys
+    /// from `first` on.
+    fn client_certs(
+        &mut self,
+        certs: &[config::Spanned<config::ClientCert>],
+        first: usize,
+    ) -> super::ClientCertIndex {
+        let mut index = super::ClientCertIndex::default();
+        for (i, entry) in certs.iter().enumerate() {
+            let c = entry.get_ref();
+            let idx = (first + i) as super::KeyIdx;
+            let given: Vec<&Str> = [&c.sha256, &c.subject, &c.san]
+                .into_iter()
+                .flatten()
+                .collect();
+            let Some(&how) = given.first() else {
+                self.d.error(
+                    entry.span(),
+                    format!(
+                        "client certificate {:?} needs one of sha256, subject or san",
+                        c.id.get_ref()
+                    ),
+                );
+                continue;
+            };
+            if given.len() > 1 {
+                self.d.error(
+                    given[1].span(),
+                    "give one of sha256, subject or san, not several",
+                );
+                continue;
+            }
+            let text = how.get_ref();
+            let taken = if c.sha256.is_some() {
+                let hex: String = text.chars().filter(|&ch| ch != ':').collect();
+                match decode_sha256(&hex) {
+                    Some(h) => index.by_sha256.insert(h, idx).is_some(),
+                    None => {
+                        self.d.error(
+                            how.span(),
+                            "sha256 must be the certificate's SHA-256 fingerprint: 64 hex digits, colons allowed (openssl x509 -noout -fingerprint -sha256)",
+                        );
+                        continue;
+                    }
+                }
+            } else if c.subject.is_some() {
+                match crate::gate::normalize_subject(text) {
+                    Some(n) => index.by_subject.insert(n, idx).is_some(),
+                    None => {
+                        self.d.error(
+                            how.span(),
+                            "subject must be a distinguished name like \"CN=billing,O=Example\"",
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                let san = if text.contains("://") {
+                    text.clone()
+                } else {
+                    text.to_ascii_lowercase()
+                };
+                index.by_san.insert(san, idx).is_some()
+            };
+            if taken {
+                self.d.error(
+                    how.span(),
+                    "another client certificate entry matches the same certificate",
+                );
+            }
+        }
+        index
     }
 
     // ----- sections -------------------------------------------------------
@@ -1566,3 +1641,23 @@ mod tls;
 
 #[cfg(test)]
 mod tests;
+
+/// A `[[client_certs]]` entry as the API key it is compiled like; its hash
+/// is all zeros, which no key has and the key index skips.
+fn as_api_key(c: &config::Spanned<config::ClientCert>) -> config::Spanned<config::ApiKey> {
+    let span = c.span();
+    let c = c.get_ref();
+    config::Spanned::new(
+        span.clone(),
+        config::ApiKey {
+            id: c.id.clone(),
+            sha256: config::Spanned::new(span, "0".repeat(64)),
+            user: c.user.clone(),
+            tier: c.tier.clone(),
+            permissions: c.permissions.clone(),
+            ip_allow: c.ip_allow.clone(),
+            expires_at: c.expires_at.clone(),
+            disabled: c.disabled,
+        },
+    )
+}

@@ -65,6 +65,9 @@ pub struct Policy {
     /// First eight bytes of each key's SHA-256; the whole hash is then
     /// compared in constant time (see `gate::credential`).
     api_keys_by_hash_prefix: HashMap<u64, KeyIdx>,
+    /// `[[client_certs]]`, which live in `api_keys` (same tier, permissions,
+    /// `ip_allow` and account rules) but are found by certificate.
+    client_certs: ClientCertIndex,
 }
 
 impl Policy {
@@ -97,6 +100,17 @@ impl Policy {
 
     pub fn user(&self, idx: UserIdx) -> &User {
         &self.users[idx as usize]
+    }
+
+    /// The binding of a verified client certificate: by fingerprint, then
+    /// subject, then any of its subjectAltNames.
+    pub fn client_cert(&self, cert: &crate::gate::PeerCert) -> Option<KeyIdx> {
+        let c = &self.client_certs;
+        c.by_sha256
+            .get(&cert.sha256)
+            .or_else(|| c.by_subject.get(cert.subject.as_str()))
+            .or_else(|| cert.sans.iter().find_map(|s| c.by_san.get(s.as_str())))
+            .copied()
     }
 
     pub fn api_key(&self, idx: KeyIdx) -> &ApiKey {
@@ -720,4 +734,13 @@ pub struct Route {
     pub permissions: Box<[Box<str>]>,
     /// On a public route: a tier applied per client address.
     pub rate_tier: Option<TierIdx>,
+}
+
+/// How `[[client_certs]]` entries are found.
+#[derive(Debug, Default)]
+pub struct ClientCertIndex {
+    pub by_sha256: HashMap<[u8; 32], KeyIdx>,
+    /// Keyed by [`crate::gate::normalize_subject`].
+    pub by_subject: HashMap<String, KeyIdx>,
+    pub by_san: HashMap<String, KeyIdx>,
 }

@@ -119,6 +119,8 @@ pub struct TlsInfo {
     /// `Strict-Transport-Security` for every answer, as the policy said
     /// when the connection was accepted.
     pub hsts: Option<Box<str>>,
+    /// The client certificate verified in the handshake (mTLS).
+    pub client_cert: Option<gate::PeerCert>,
 }
 
 /// Serve one accepted connection until either side ends it; `tls` when it
@@ -442,6 +444,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 method: &head.method,
                 path: &x.path,
                 headers: &view,
+                client_cert: self.tls.as_ref().and_then(|t| t.client_cert.as_ref()),
             };
             let started = Instant::now();
             let now_us = crate::policy::unix_now_us();

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::exchange::{self, TlsInfo, Worker};
+use crate::gate::{normalize_subject, PeerCert};
 use crate::http1::encode::header;
 use crate::http1::parse::parse_request;
 use crate::metrics::METRICS;
@@ -51,8 +52,35 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr, tls: Arc
         .inc();
     let info = TlsInfo {
         hsts: tls.hsts.clone(),
+        client_cert: conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| peer_cert(leaf)),
     };
     exchange::serve(worker, stream, peer, Some(info)).await;
+}
+
+/// What the policy can match in a client certificate the handshake verified.
+fn peer_cert(der: &[u8]) -> Option<PeerCert> {
+    use sha2::Digest;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut sans = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => {
+                    sans.push(d.to_ascii_lowercase())
+                }
+                x509_parser::extensions::GeneralName::URI(u) => sans.push(u.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Some(PeerCert {
+        sha256: sha2::Sha256::digest(der).into(),
+        subject: normalize_subject(&cert.subject().to_string()).unwrap_or_default(),
+        sans,
+    })
 }
 
 /// The longest request head the redirect listener reads.
