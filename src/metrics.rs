@@ -19,6 +19,10 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
     pub tls_redirects: IntCounter,
+    pub http2_connections: IntCounter,
+    pub http2_streams: IntCounter,
+    pub http2_resets: IntCounter,
+    pub http2_goaways: IntCounterVec,
     pub upstream_duration: HistogramVec,
     pub gate_duration: Histogram,
     pub auth_denials: IntCounterVec,
@@ -136,6 +140,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Plain-HTTP requests answered 308 to https:// (server.tls.redirect_listen)."
         )
         .expect("register keygate_tls_redirects_total"),
+        http2_connections: register_int_counter!(
+            "keygate_http2_connections_total",
+            "HTTP/2 connections (TLS with ALPN h2)."
+        )
+        .expect("register keygate_http2_connections_total"),
+        http2_streams: register_int_counter!(
+            "keygate_http2_streams_total",
+            "HTTP/2 streams (requests) accepted."
+        )
+        .expect("register keygate_http2_streams_total"),
+        http2_resets: register_int_counter!(
+            "keygate_http2_client_resets_total",
+            "HTTP/2 streams the client reset before their answer was complete."
+        )
+        .expect("register keygate_http2_client_resets_total"),
+        http2_goaways: register_int_counter_vec!(
+            "keygate_http2_protections_total",
+            "HTTP/2 protections applied: connections ended for rapid reset (enhance_your_calm) or idleness (idle), answers given up on a client that does not read (send_timeout).",
+            &["reason"]
+        )
+        .expect("register keygate_http2_protections_total"),
         request_duration: register_histogram_vec!(
             "keygate_request_duration_seconds",
             "Time from request headers received to response finished, by route pattern.",

@@ -106,7 +106,7 @@ fn https_is_served_by_sni_with_hsts_and_x_forwarded_proto() {
 
     // curl, verifying the chain and the name it asked for.
     let out = Command::new("curl")
-        .args(["-sS", "-i", "--cacert"])
+        .args(["-sS", "-i", "--http1.1", "--cacert"])
         .arg(certs.path().join("ca.pem"))
         .arg("--resolve")
         .arg(format!("api.test:{}:127.0.0.1", kg.port))

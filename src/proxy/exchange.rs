@@ -120,7 +120,7 @@ pub struct TlsInfo {
     /// when the connection was accepted.
     pub hsts: Option<Box<str>>,
     /// The client certificate verified in the handshake (mTLS).
-    pub client_cert: Option<gate::PeerCert>,
+    pub client_cert: Option<Rc<gate::PeerCert>>,
 }
 
 /// Serve one accepted connection until either side ends it; `tls` when it
@@ -444,7 +444,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 method: &head.method,
                 path: &x.path,
                 headers: &view,
-                client_cert: self.tls.as_ref().and_then(|t| t.client_cert.as_ref()),
+                client_cert: self.tls.as_ref().and_then(|t| t.client_cert.as_deref()),
             };
             let started = Instant::now();
             let now_us = crate::policy::unix_now_us();

@@ -11,6 +11,7 @@ pub mod dispatch;
 mod exchange;
 pub mod forward;
 mod front;
+mod h2;
 pub mod notify;
 pub mod refusal;
 mod relay;

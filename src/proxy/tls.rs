@@ -55,9 +55,14 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr, tls: Arc
         client_cert: conn
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|leaf| peer_cert(leaf)),
+            .and_then(|leaf| peer_cert(leaf))
+            .map(Rc::new),
     };
-    exchange::serve(worker, stream, peer, Some(info)).await;
+    if conn.alpn_protocol() == Some(b"h2") {
+        super::h2::serve(worker, stream, peer, info).await;
+    } else {
+        exchange::serve(worker, stream, peer, Some(info)).await;
+    }
 }
 
 /// What the policy can match in a client certificate the handshake verified.

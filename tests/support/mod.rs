@@ -2,6 +2,7 @@
 //! picks itself, the real `keygate` binary in front of it, and an HTTP client.
 #![allow(dead_code, unused_imports)]
 
+pub mod h2raw;
 pub mod redis;
 pub mod seed;
 pub mod strict;

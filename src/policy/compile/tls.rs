@@ -95,19 +95,18 @@ impl Cx<'_> {
             }
         };
         let alpn = match &t.alpn {
-            None => vec![b"http/1.1".to_vec()],
+            None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             Some(list) => {
                 let mut out = Vec::new();
                 for p in list {
                     match p.get_ref().as_str() {
                         "http/1.1" => out.push(b"http/1.1".to_vec()),
-                        "h2" => self.d.error(
-                            p.span(),
-                            "HTTP/2 is not served yet: use alpn = [\"http/1.1\"]",
-                        ),
+                        "h2" => out.push(b"h2".to_vec()),
                         other => self.d.error(
                             p.span(),
-                            format!("unknown ALPN protocol {other:?} (expected \"http/1.1\")"),
+                            format!(
+                                "unknown ALPN protocol {other:?} (expected \"h2\" or \"http/1.1\")"
+                            ),
                         ),
                     }
                 }
