@@ -309,7 +309,7 @@ async fn relay_answer<R: AsyncRead + Unpin>(
     method: &Method,
     respond: &mut SendResponse<Bytes>,
 ) -> Result<(), Gone> {
-    let mut buf = Vec::with_capacity(READ_CHUNK);
+    let mut buf = Vec::with_capacity(4096);
     let head = loop {
         let read = tokio::select! {
             r = from.read_buf(&mut buf) => r,
@@ -365,7 +365,7 @@ async fn relay_answer<R: AsyncRead + Unpin>(
         return Ok(());
     }
     let mut rest = buf.split_off(head.len);
-    let mut payload = Vec::with_capacity(READ_CHUNK);
+    let mut payload = Vec::new();
     loop {
         payload.clear();
         let used = decoder

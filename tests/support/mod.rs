@@ -61,9 +61,22 @@ impl Keygate {
             admin_port,
             relay_port: free_port(),
         };
-        kg.write_config(config, upstream_port);
-        kg.spawn(env);
-        kg
+        // A port picked free can be taken by another test before keygate
+        // binds it: pick again then.
+        for _ in 0..3 {
+            kg.write_config(config, upstream_port);
+            match kg.try_spawn(env) {
+                Ok(()) => return kg,
+                Err(log) if log.contains("Address already in use") => {
+                    kg.port = free_port();
+                    kg.admin_port = free_port();
+                    kg.relay_port = free_port();
+                    let _ = std::fs::remove_file(kg.dir.path().join("stderr.log"));
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("no free ports for keygate after three tries");
     }
 
     /// Write `config` (placeholders filled) as this keygate's file.
@@ -80,6 +93,12 @@ impl Keygate {
     }
 
     fn spawn(&mut self, env: &[(&str, &str)]) {
+        if let Err(log) = self.try_spawn(env) {
+            panic!("{log}");
+        }
+    }
+
+    fn try_spawn(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
         let dir = &self.dir;
         let path = dir.path().join("keygate.toml");
         let stderr = std::fs::OpenOptions::new()
@@ -106,7 +125,7 @@ impl Keygate {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.child = cmd.spawn().expect("start keygate");
-        self.wait_healthy();
+        self.wait_healthy()
     }
 
     /// `kill -9`, then start again on the same file, ports and state directory.
@@ -116,20 +135,23 @@ impl Keygate {
         self.spawn(&[]);
     }
 
-    fn wait_healthy(&mut self) {
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = client();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("keygate exited with {status}:\n{}", self.stderr());
+                return Err(format!("keygate exited with {status}:\n{}", self.stderr()));
             }
             let admin = client.get(self.admin("/healthz")).send();
             let public = std::net::TcpStream::connect(("127.0.0.1", self.port));
             if admin.is_ok_and(|r| r.status() == 200) && public.is_ok() {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                panic!("keygate did not become healthy:\n{}", self.stderr());
+                return Err(format!(
+                    "keygate did not become healthy:\n{}",
+                    self.stderr()
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

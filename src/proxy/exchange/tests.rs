@@ -160,3 +160,16 @@ fn retries_are_for_idempotent_methods_only() {
     assert!(!upstream::may_retry(&Method::POST));
     assert!(!upstream::may_retry(&Method::PATCH));
 }
+
+/// A connection's future is moved whole into its task at every spawn (every
+/// connection, every HTTP/2 stream): a buffer kept inside it (a 16 KiB
+/// array once made it 17 KB) costs a large copy per request.
+#[test]
+fn a_connection_future_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = worker(1, dir.path());
+    let (_c, server) = tokio::io::duplex(16);
+    let f = serve(w, server, IpAddr::V4(Ipv4Addr::LOCALHOST), None);
+    let size = std::mem::size_of_val(&f);
+    assert!(size < 8 * 1024, "the connection future is {size} bytes");
+}
