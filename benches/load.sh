@@ -17,6 +17,8 @@
 #   hyper-bare      hyper 1.x + hyper-util's pooled client, no logic, one
 #                   thread (examples/bare_hyper.rs): the other engine keygate
 #                   could have been built on
+# Then the TLS and HTTP/2 rows of benches/tls_load.sh (against nginx and
+# HAProxy with TLS) unless ONLY is set.
 # Bounded: ROUNDS x targets x DURATION seconds.
 #
 #   benches/load.sh                 # 3 rounds of 10 s, 32 connections
@@ -328,3 +330,11 @@ print()
 print(f"keygate-redis: {decisions:,.0f} decisions from Redis in {calls:,.0f} calls "
       f"= {calls / max(decisions, 1):.3f} calls per decision")
 '
+
+# TLS and HTTP/2 rows (benches/tls_load.sh), after everything above is stopped.
+if [ -z "${ONLY:-}" ]; then
+  cleanup
+  trap - EXIT
+  echo
+  ROUNDS=$ROUNDS DURATION=${DURATION%s} CONNS=$CONNS benches/tls_load.sh
+fi

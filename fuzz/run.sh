@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-30}
-targets=(request_head chunked path jwt config)
+targets=(request_head chunked path jwt config h2_head)
 if [ $# -gt 0 ]; then
     targets=("$@")
 fi

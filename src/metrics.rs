@@ -425,6 +425,7 @@ pub fn record_policy(counts: crate::policy::Counts, success: bool) {
         for (kind, n) in [
             ("users", counts.users),
             ("api_keys", counts.api_keys),
+            ("client_certs", counts.client_certs),
             ("routes", counts.routes),
             ("tiers", counts.tiers),
             ("jwt_keys", counts.jwt_keys),

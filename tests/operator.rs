@@ -72,7 +72,24 @@ fn every_access_line_has_the_client_ip_and_the_same_fields() {
     assert_eq!(forwarded.status(), 200);
     wait_until("six access lines", || access_lines(&kg).len() >= 6);
 
-    let lines = access_lines(&kg);
+    // Each proxy thread hands over its own lines, so lines of requests
+    // served by different threads may come out of order (as with nginx's
+    // buffered access_log): find them by what they are, not by position.
+    let all = access_lines(&kg);
+    let find = |route: &str, status: u64| {
+        all.iter()
+            .find(|l| l["route"] == route && l["status"] == status)
+            .unwrap_or_else(|| panic!("no {route} {status} line in {all:?}"))
+            .clone()
+    };
+    let lines = [
+        find("auth:token", 401),
+        find("auth:token", 200),
+        find("auth:refresh", 200),
+        find("auth:revoke", 200),
+        find("auth:jwks", 200),
+        find("/v1/vms/{id}", 200),
+    ];
     let fields: Vec<&str> = lines[0]
         .as_object()
         .unwrap()

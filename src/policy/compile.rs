@@ -120,6 +120,17 @@ impl Cx<'_> {
         let (api_keys, api_keys_by_hash_prefix) =
             self.api_keys(&entries, &users, &users_by_id, &users_by_email, &tier_index);
         let client_certs = self.client_certs(&f.client_certs, f.api_keys.len());
+        let asks_for_certs = f
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.get_ref().client_ca_file.is_some());
+        if let (Some(first), false) = (f.client_certs.first(), asks_for_certs) {
+            self.d.warn(
+                first.span(),
+                "[[client_certs]] need [server.tls] client_ca_file: without it no client certificate is asked for, so none of these entries can match",
+            );
+        }
         let (routes, router) = self.routes(&f.routes, &tier_index, &tiers);
         let webhooks = self.webhooks(&f.webhooks);
         let relay = f.webhook_relay.as_ref().map(|r| self.relay(r));

@@ -126,9 +126,13 @@ impl Policy {
     }
 
     pub fn counts(&self) -> Counts {
+        let certs = self.client_certs.by_sha256.len()
+            + self.client_certs.by_subject.len()
+            + self.client_certs.by_san.len();
         Counts {
             users: self.users.len(),
-            api_keys: self.api_keys.len(),
+            api_keys: self.api_keys.len() - certs,
+            client_certs: certs,
             routes: self.routes.len(),
             tiers: self.tiers.len(),
             jwt_keys: self.jwt_keys.keys.len(),
@@ -204,6 +208,7 @@ impl std::fmt::Debug for TokenCache {
 pub struct Counts {
     pub users: usize,
     pub api_keys: usize,
+    pub client_certs: usize,
     pub routes: usize,
     pub tiers: usize,
     pub jwt_keys: usize,
@@ -215,7 +220,11 @@ impl std::fmt::Display for Counts {
             f,
             "{} users, {} api keys, {} routes, {} tiers, {} jwt keys",
             self.users, self.api_keys, self.routes, self.tiers, self.jwt_keys
-        )
+        )?;
+        if self.client_certs > 0 {
+            write!(f, ", {} client certs", self.client_certs)?;
+        }
+        Ok(())
     }
 }
 

@@ -3,11 +3,14 @@
 //! key, password or query string.
 //!
 //! Lines are written off the event loop: a proxy thread formats its line
-//! and hands it to a writer thread through a bounded queue, and the writer
-//! wakes every 20 ms and sends whatever has queued up in one `write`. When the queue is full (the
-//! disk or the journal is slower than the traffic) the line is dropped and
-//! counted in `keygate_access_log_dropped_total`: a request never waits for
-//! the log.
+//! into a buffer of its own (no allocation, lock or channel per line) and
+//! hands the buffer to a writer thread through a bounded queue when it
+//! holds [`HANDOFF_BYTES`] or, at the latest, every [`WRITE_EVERY`] (the
+//! worker's [`tick`]); the writer wakes every 20 ms and sends whatever has
+//! queued up in one `write`. When the queue is full (the disk or the
+//! journal is slower than the traffic) the lines are dropped and counted
+//! in `keygate_access_log_dropped_total`: a request never waits for the
+//! log.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -43,6 +46,63 @@ pub fn clip(text: &str) -> &str {
 }
 /// The writer sends at most this much in one `write`.
 const BATCH_BYTES: usize = 256 * 1024;
+/// A thread hands its lines over when they fill this much.
+const HANDOFF_BYTES: usize = 32 * 1024;
+
+/// One thread's lines not yet handed to the writer.
+struct Pending {
+    buf: Vec<u8>,
+    lines: u64,
+}
+
+impl Pending {
+    fn hand_off(&mut self) {
+        if self.lines == 0 {
+            return;
+        }
+        let lines = std::mem::take(&mut self.lines);
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(HANDOFF_BYTES + 2048));
+        let Some(tx) = writer() else {
+            METRICS.access_log_dropped.inc_by(lines);
+            return;
+        };
+        let len = chunk.len();
+        if QUEUED.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
+            QUEUED.fetch_sub(len, Ordering::Relaxed);
+            METRICS.access_log_dropped.inc_by(lines);
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            tx.try_send(Msg::Line(chunk))
+        {
+            QUEUED.fetch_sub(len, Ordering::Relaxed);
+            METRICS.access_log_dropped.inc_by(lines);
+        }
+    }
+}
+
+impl Drop for Pending {
+    /// A thread that ends hands over what it still holds.
+    fn drop(&mut self) {
+        self.hand_off();
+    }
+}
+
+thread_local! {
+    static PENDING: std::cell::RefCell<Pending> = const {
+        std::cell::RefCell::new(Pending { buf: Vec::new(), lines: 0 })
+    };
+}
+
+/// Hand this thread's lines to the writer now; proxy threads call it every
+/// [`WRITE_EVERY`], so a quiet thread's lines wait no longer than that.
+pub fn tick() {
+    let _ = PENDING.try_with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            p.hand_off();
+        }
+    });
+}
 
 #[derive(Serialize)]
 pub struct Entry<'a> {
@@ -227,7 +287,7 @@ fn writer() -> Option<&'static SyncSender<Msg>> {
 /// How often the writer wakes to write what has queued up. It sleeps
 /// instead of waiting on the queue, so a proxy thread handing over a line
 /// never has to wake it (no futex call, no context switch per request).
-const WRITE_EVERY: Duration = Duration::from_millis(20);
+pub const WRITE_EVERY: Duration = Duration::from_millis(20);
 
 fn run_writer(rx: Receiver<Msg>) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
@@ -269,35 +329,34 @@ fn write_out(batch: &mut Vec<u8>) {
 }
 
 pub fn write(format: AccessLog, entry: &Entry<'_>) {
-    let mut line = match format {
-        AccessLog::Off => return,
-        AccessLog::Json => {
-            let mut line = Vec::with_capacity(512);
-            json_line(entry, &mut line);
-            line
-        }
-        AccessLog::Text => text(entry).into_bytes(),
-    };
-    line.push(b'\n');
-    let Some(tx) = writer() else {
-        METRICS.access_log_dropped.inc();
-        return;
-    };
-    let len = line.len();
-    if QUEUED.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES {
-        QUEUED.fetch_sub(len, Ordering::Relaxed);
-        METRICS.access_log_dropped.inc();
+    if format == AccessLog::Off {
         return;
     }
-    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(Msg::Line(line))
-    {
-        QUEUED.fetch_sub(len, Ordering::Relaxed);
+    let written = PENDING.try_with(|p| {
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return false;
+        };
+        match format {
+            AccessLog::Json => json_line(entry, &mut p.buf),
+            AccessLog::Text => p.buf.extend_from_slice(text(entry).as_bytes()),
+            AccessLog::Off => {}
+        }
+        p.buf.push(b'\n');
+        p.lines += 1;
+        if p.buf.len() >= HANDOFF_BYTES {
+            p.hand_off();
+        }
+        true
+    });
+    if written != Ok(true) {
         METRICS.access_log_dropped.inc();
     }
 }
 
-/// Write every queued line (at shutdown); waits at most a second.
+/// Write every queued line (at shutdown, after the proxy threads ended);
+/// waits at most a second.
 pub fn flush() {
+    tick();
     let Some(tx) = writer() else {
         return;
     };

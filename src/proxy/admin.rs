@@ -108,6 +108,7 @@ impl ServeHttp for Admin {
                         "policy": {
                             "users": counts.users,
                             "api_keys": counts.api_keys,
+                            "client_certs": counts.client_certs,
                             "routes": counts.routes,
                             "tiers": counts.tiers,
                             "jwt_keys": counts.jwt_keys,

@@ -152,6 +152,15 @@ fn run_worker(
                 beat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         });
+        // This thread's access log lines go to the writer at least this often.
+        tokio::task::spawn_local(async {
+            let mut every = tokio::time::interval(super::access_log::WRITE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                super::access_log::tick();
+            }
+        });
         let worker = Rc::new(Worker {
             shared,
             redis: Default::default(),

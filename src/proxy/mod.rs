@@ -11,13 +11,13 @@ pub mod dispatch;
 mod exchange;
 pub mod forward;
 mod front;
-mod h2;
+pub mod h2;
 pub mod notify;
 pub mod refusal;
 mod relay;
 mod reload;
 pub mod sample_upstream;
-mod tls;
+pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -171,7 +171,7 @@ fn location(policy: &Policy, head: &crate::http1::parse::RequestHead, buf: &[u8]
 /// The host of a `Host` value without its port, when it is a DNS name, an
 /// IPv4 address or a bracketed IPv6 address (nothing that could change the
 /// meaning of the URL it is put in).
-fn host_only(value: &[u8]) -> Option<&[u8]> {
+pub fn host_only(value: &[u8]) -> Option<&[u8]> {
     if value.first() == Some(&b'[') {
         let end = value.iter().position(|&b| b == b']')?;
         let inner = &value[1..end];
