@@ -225,6 +225,18 @@ pub fn server_config(s: Settings) -> Result<ServerConfig, String> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?;
+    // Sessions resume only under the client CAs they were made with: a
+    // resumed session brings its client certificate back unverified, so a
+    // CA taken out of client_ca_file must not live on through tickets.
+    let mut trust = Sha256::new();
+    if let Some((cas, auth)) = &s.client_ca {
+        trust.update([*auth as u8]);
+        for ca in cas {
+            trust.update((ca.len() as u64).to_be_bytes());
+            trust.update(ca);
+        }
+    }
+    let trust: [u8; 32] = trust.finalize().into();
     let builder = match s.client_ca {
         Some((cas, auth)) if auth != ClientAuth::Off => {
             let mut roots = RootCertStore::empty();
@@ -246,8 +258,9 @@ pub fn server_config(s: Settings) -> Result<ServerConfig, String> {
     let mut config = builder.with_cert_resolver(Arc::new(s.resolver));
     config.alpn_protocols = s.alpn;
     if s.resumption {
-        config.session_storage = sessions();
-        config.ticketer = ticketer()?;
+        let (sessions, ticketer) = resumption(trust)?;
+        config.session_storage = sessions;
+        config.ticketer = ticketer;
     } else {
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
@@ -255,24 +268,31 @@ pub fn server_config(s: Settings) -> Result<ServerConfig, String> {
     Ok(config)
 }
 
-/// The process's session cache: shared by every policy, so resumption
-/// survives a reload.
-fn sessions() -> Arc<ServerSessionMemoryCache> {
-    static CACHE: OnceLock<Arc<ServerSessionMemoryCache>> = OnceLock::new();
-    CACHE
-        .get_or_init(|| ServerSessionMemoryCache::new(SESSION_CACHE))
-        .clone()
-}
+type Resumption = (Arc<ServerSessionMemoryCache>, Arc<dyn ProducesTickets>);
 
-/// The process's session-ticket keys (random, rotated every 6 hours by
-/// rustls, never written anywhere): shared by every policy.
-fn ticketer() -> Result<Arc<dyn ProducesTickets>, String> {
-    static TICKETER: OnceLock<Arc<dyn ProducesTickets>> = OnceLock::new();
-    if let Some(t) = TICKETER.get() {
-        return Ok(t.clone());
+/// The session cache and ticket keys (random, rotated every 6 hours by
+/// rustls, never written anywhere) for one set of client CAs: shared by
+/// every policy with that set, so resumption survives a reload, and by no
+/// other.
+fn resumption(trust: [u8; 32]) -> Result<Resumption, String> {
+    static BY_TRUST: OnceLock<std::sync::Mutex<HashMap<[u8; 32], Resumption>>> = OnceLock::new();
+    let mut map = BY_TRUST
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| "the TLS session state is poisoned".to_string())?;
+    if let Some(r) = map.get(&trust) {
+        return Ok(r.clone());
     }
-    let t = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
-    Ok(TICKETER.get_or_init(|| t).clone())
+    // Old sets (CA rotations) are forgotten past a few.
+    if map.len() >= 8 {
+        map.clear();
+    }
+    let r: Resumption = (
+        ServerSessionMemoryCache::new(SESSION_CACHE),
+        rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?,
+    );
+    map.insert(trust, r.clone());
+    Ok(r)
 }
 
 /// A protocol version as the metrics and logs name it.

@@ -444,3 +444,31 @@ fn shutdown_sends_goaway() {
         .expect("GOAWAY at shutdown");
     assert_eq!(goaway.error_code(), Some(0), "NO_ERROR");
 }
+
+/// A stream whose body never ends does not outlive its answer: keygate
+/// answers (401 here, before reading any body), then resets the stream's
+/// receiving side instead of waiting for the rest.
+#[test]
+fn a_stream_ends_with_its_answer_even_if_its_body_never_does() {
+    let s = start();
+    let mut c = raw(&s, &[]);
+    let mut block = Vec::new();
+    literal(&mut block, ":method", b"POST");
+    literal(&mut block, ":scheme", b"https");
+    literal(&mut block, ":path", b"/v1/vms");
+    literal(&mut block, ":authority", b"localhost");
+    // HEADERS without END_STREAM, then nothing.
+    c.frame(HEADERS, END_HEADERS, 1, &block).unwrap();
+    let (frames, _) = c.read_frames(Duration::from_secs(2));
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.kind == DATA && f.stream == 1 && f.flags & END_STREAM != 0),
+        "no complete answer: {frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| f.kind == RST_STREAM && f.stream == 1),
+        "the stream was left waiting for its body: {frames:?}"
+    );
+    assert_eq!(s.upstream.count(), 0);
+}

@@ -443,6 +443,8 @@ fn client_certificates_are_credentials() {
     let metrics = clients.client("metrics", "metrics.internal");
     let stranger = clients.client("stranger", "stranger.internal");
     let foreign = Ca::new("someone else's CA").client("billing", "billing.internal");
+    // A common name that prints like two attributes of a bound subject.
+    let lookalike = clients.client("ops,O=Example", "lookalike.internal");
     billing.install(d, "billing");
     let bindings = |with_billing: bool| {
         format!(
@@ -453,6 +455,12 @@ sha256 = "{reports}"
 tier = "free"
 permissions = ["vms:read"]
 ip_allow = ["198.51.100.0/24"]
+
+[[client_certs]]
+id = "ops"
+subject = "CN=ops,O=Example"
+tier = "enterprise"
+permissions = ["vms:read"]
 
 [[client_certs]]
 id = "metrics"
@@ -513,6 +521,10 @@ permissions = ["vms:read"]
     let r = get(Some(&stranger), &[]).unwrap();
     assert_eq!(r.status, 401);
     assert!(r.body.contains("invalid_client_certificate"), "{}", r.body);
+
+    let r = get(Some(&lookalike), &[]).unwrap();
+    assert_eq!(r.status, 401, "a look-alike subject passed: {}", r.body);
+    assert!(r.body.contains("invalid_client_certificate"));
 
     let r = get(None, &[]).unwrap();
     assert_eq!(r.status, 401);

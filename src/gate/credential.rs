@@ -94,8 +94,11 @@ pub struct PeerCert {
     pub sha256: [u8; 32],
     /// Its subject as [`normalize_subject`] writes it.
     pub subject: String,
-    /// Its subjectAltName DNS names (lower case) and URIs.
+    /// Its subjectAltName DNS names (`dns:` and lower case) and URIs (`uri:`).
     pub sans: Vec<String>,
+    /// Its notAfter, Unix seconds: checked on every request, since a
+    /// connection (or a resumed session) may outlive the certificate.
+    pub not_after: i64,
 }
 
 /// A distinguished name as `K=V` pairs, sorted, keys upper case, joined by
@@ -121,6 +124,9 @@ pub fn find_client_cert(policy: &Policy, cert: &PeerCert, now: u64) -> Result<Ke
     let idx = policy
         .client_cert(cert)
         .ok_or(Denial::InvalidClientCert("no principal is bound to it"))?;
+    if i64::try_from(now).unwrap_or(i64::MAX) >= cert.not_after {
+        return Err(Denial::InvalidClientCert("it has expired"));
+    }
     let entry = policy.api_key(idx);
     if entry.disabled {
         return Err(Denial::InvalidClientCert("its binding is disabled"));

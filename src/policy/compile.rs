@@ -225,10 +225,12 @@ impl Cx<'_> {
                     }
                 }
             } else {
+                // A URI (a SPIFFE id) or a DNS name, matched against the
+                // certificate's names of that kind only.
                 let san = if text.contains("://") {
-                    text.clone()
+                    format!("uri:{text}")
                 } else {
-                    text.to_ascii_lowercase()
+                    format!("dns:{}", text.to_ascii_lowercase())
                 };
                 index.by_san.insert(san, idx).is_some()
             };

@@ -57,6 +57,12 @@ impl PolicyStore {
     }
 
     /// Restart-only settings the file changed since the process started.
+    /// `[server.tls]` as the process started with it: whether the public
+    /// port speaks TLS is fixed until a restart.
+    pub fn boot_tls(&self) -> Option<std::sync::Arc<crate::tls::TlsPolicy>> {
+        self.boot.server.tls.clone()
+    }
+
     pub fn restart_needed(&self) -> Vec<&'static str> {
         restart_only_changes(&self.boot, &self.current.load())
     }
@@ -100,6 +106,9 @@ fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<&'static str> {
     }
     if old.server.state_dir != new.server.state_dir {
         changed.push("server.state_dir");
+    }
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        changed.push("server.tls (turning TLS on or off)");
     }
     let redirect = |p: &Policy| p.server.tls.as_ref().and_then(|t| t.redirect_listen);
     if redirect(old) != redirect(new) {

@@ -129,7 +129,9 @@ pub async fn serve<S>(worker: Rc<Worker>, stream: S, peer: IpAddr, tls: Option<T
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    worker.active.set(worker.active.get() + 1);
+    // Counted until this future ends or is dropped (an HTTP/2 stream's
+    // exchange is aborted when the client resets it).
+    let _in_flight = InFlight::new(worker.clone());
     let mut client = Client {
         stream,
         tls,
@@ -163,7 +165,22 @@ where
     if next == Next::Linger {
         client.linger().await;
     }
-    worker.active.set(worker.active.get() - 1);
+}
+
+/// One connection (or stream) in flight on a worker, for the drain.
+pub struct InFlight(Rc<Worker>);
+
+impl InFlight {
+    pub fn new(worker: Rc<Worker>) -> InFlight {
+        worker.active.set(worker.active.get() + 1);
+        InFlight(worker)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+    }
 }
 
 struct Client<S> {

@@ -170,6 +170,8 @@ fn run_worker(
             drain: Notify::new(),
             active: Cell::new(0),
         });
+        let tls_at_start = worker.shared.store.boot_tls();
+        let mut tls_now = tls_at_start.clone();
         loop {
             tokio::select! {
                 biased;
@@ -178,15 +180,19 @@ fn run_worker(
                     Ok((stream, addr)) => {
                         let _ = stream.set_nodelay(true);
                         let peer = addr.ip().to_canonical();
-                        // TLS or not as the policy says now: a reload that
-                        // adds or changes [server.tls] applies to the next
-                        // connection.
-                        match worker.shared.store.load().server.tls.clone() {
-                            None => {
-                                tokio::task::spawn_local(exchange::serve(worker.clone(), stream, peer, None));
+                        // Whether the port speaks TLS is fixed at start (a
+                        // reload that drops [server.tls] must not turn it
+                        // into plain HTTP); which certificates and settings,
+                        // is the policy's now.
+                        if let Some(now) = worker.shared.store.load().server.tls.clone() {
+                            tls_now = Some(now);
+                        }
+                        match (&tls_at_start, &tls_now) {
+                            (Some(_), Some(tls)) => {
+                                tokio::task::spawn_local(super::tls::serve(worker.clone(), stream, peer, tls.clone()));
                             }
-                            Some(tls) => {
-                                tokio::task::spawn_local(super::tls::serve(worker.clone(), stream, peer, tls));
+                            _ => {
+                                tokio::task::spawn_local(exchange::serve(worker.clone(), stream, peer, None));
                             }
                         }
                     }

@@ -19,12 +19,15 @@
 //! - rapid reset (CVE-2023-44487): `h2` caps streams reset before they are
 //!   accepted, and a connection whose client resets more than
 //!   [`MAX_RESETS`] streams within [`RESET_WINDOW`] is ended with GOAWAY
-//!   `ENHANCE_YOUR_CALM`; a reset stream's work is dropped at once;
+//!   `ENHANCE_YOUR_CALM`; a reset stream's work (gate, upstream request)
+//!   is aborted at once;
 //! - slow reading and flow-control starvation: an answer that cannot send
 //!   for [`SEND_TIMEOUT`] is reset, and a connection's send buffer is
 //!   bounded;
 //! - idle connections close after [`IDLE_TIMEOUT`], a stalled handshake
-//!   after [`HANDSHAKE_TIMEOUT`];
+//!   after [`HANDSHAKE_TIMEOUT`], and any connection at most
+//!   [`GOAWAY_GRACE`] after its GOAWAY; a stream ends with its answer (a
+//!   request body still unsent is not waited for);
 //! - shutdown sends GOAWAY and lets the streams in flight finish.
 
 use std::cell::Cell;
@@ -58,6 +61,9 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// A connection with no stream for this long is closed (GOAWAY).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After GOAWAY, the connection is dropped this much later at the latest
+/// (h2 waits for the client's PING answer and the open streams).
+pub const GOAWAY_GRACE: Duration = Duration::from_secs(10);
 /// The pipe between a stream and the engine.
 const PIPE: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
@@ -108,7 +114,7 @@ where
         };
     METRICS.http2_connections.inc();
     // Counted as in flight, so shutdown waits for its GOAWAY to go out.
-    worker.active.set(worker.active.get() + 1);
+    let _in_flight = exchange::InFlight::new(worker.clone());
     let info = Rc::new(info);
     let resets = Rc::new(Resets {
         count: Cell::new(0),
@@ -118,10 +124,14 @@ where
     });
     let mut idle_since = Some(Instant::now());
     let mut going_away = false;
+    let mut gone_at: Option<tokio::time::Instant> = None;
     loop {
         if !going_away && worker.draining.get() {
             conn.graceful_shutdown();
             going_away = true;
+        }
+        if going_away && gone_at.is_none() {
+            gone_at = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
         }
         let idle_left = idle_since.map(|t| IDLE_TIMEOUT.saturating_sub(t.elapsed()));
         tokio::select! {
@@ -151,6 +161,9 @@ where
                 going_away = true;
             }
             _ = worker.drain.notified(), if !going_away => {}
+            // A client that neither answers the GOAWAY's PING nor ends its
+            // streams does not keep the connection.
+            _ = tokio::time::sleep_until(gone_at.unwrap_or_else(tokio::time::Instant::now)), if gone_at.is_some() => break,
             _ = tokio::time::sleep(idle_left.unwrap_or(IDLE_TIMEOUT)), if idle_left.is_some() && !going_away => {
                 METRICS.http2_goaways.with_label_values(&["idle"]).inc();
                 conn.graceful_shutdown();
@@ -165,7 +178,6 @@ where
             }
         }
     }
-    worker.active.set(worker.active.get() - 1);
 }
 
 /// What went wrong between a stream and its answer.
@@ -194,16 +206,36 @@ async fn stream(
         hsts: info.hsts.clone(),
         client_cert: info.client_cert.clone(),
     };
-    tokio::task::spawn_local(exchange::serve(worker, theirs, peer, Some(tls)));
+    let engine = tokio::task::spawn_local(exchange::serve(worker, theirs, peer, Some(tls)));
     let (from_engine, to_engine) = tokio::io::split(ours);
     let chunked = has_body && !parts.headers.contains_key(http::header::CONTENT_LENGTH);
-    let send = send_request(to_engine, head, body, chunked);
-    let relay = relay_answer(from_engine, &parts.method, &mut respond);
-    let (_, answered) = tokio::join!(send, relay);
+    // The answer decides: once it is done (or failed) the request body is
+    // no longer read, whatever the client still means to send (dropping
+    // it resets the stream's receiving side), so a client that never ends
+    // its body cannot hold the stream.
+    let answered = {
+        let send = send_request(to_engine, head, body, chunked);
+        let relay = relay_answer(from_engine, &parts.method, &mut respond);
+        tokio::pin!(send, relay);
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                answered = &mut relay => break answered,
+                () = &mut send, if !sent => sent = true,
+            }
+        }
+    };
     match answered {
         Ok(()) => {}
-        Err(Gone::Reset) => resets.note(),
-        Err(Gone::Broken) => respond.send_reset(Reason::INTERNAL_ERROR),
+        Err(Gone::Reset) => {
+            // The request's work (gate, upstream) stops with the stream.
+            engine.abort();
+            resets.note();
+        }
+        Err(Gone::Broken) => {
+            engine.abort();
+            respond.send_reset(Reason::INTERNAL_ERROR);
+        }
     }
 }
 
@@ -283,6 +315,10 @@ async fn send_request<W: AsyncWrite + Unpin>(
             // Reset or broken: the engine sees a truncated body.
             return;
         };
+        if data.is_empty() {
+            // An empty chunk would read as the body's end.
+            continue;
+        }
         let _ = body.flow_control().release_capacity(data.len());
         let written = if chunked {
             framed.clear();
@@ -311,6 +347,17 @@ async fn relay_answer<R: AsyncRead + Unpin>(
 ) -> Result<(), Gone> {
     let mut buf = Vec::with_capacity(4096);
     let head = loop {
+        match parse_response(&buf, method, Vec::new()) {
+            Ok(Some(head)) if head.status < 200 => {
+                // An interim answer: HTTP/2 clients do without. What
+                // follows it may be here already.
+                buf.drain(..head.len);
+                continue;
+            }
+            Ok(Some(head)) => break head,
+            Ok(None) => {}
+            Err(_) => return Err(Gone::Broken),
+        }
         let read = tokio::select! {
             r = from.read_buf(&mut buf) => r,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return Err(Gone::Reset),
@@ -318,16 +365,6 @@ async fn relay_answer<R: AsyncRead + Unpin>(
         match read {
             Ok(0) | Err(_) => return Err(Gone::Broken),
             Ok(_) => {}
-        }
-        match parse_response(&buf, method, Vec::new()) {
-            Ok(None) => continue,
-            Ok(Some(head)) if head.status < 200 => {
-                // An interim answer: HTTP/2 clients do without.
-                buf.drain(..head.len);
-                continue;
-            }
-            Ok(Some(head)) => break head,
-            Err(_) => return Err(Gone::Broken),
         }
     };
     let mut response = Response::builder().status(head.status);

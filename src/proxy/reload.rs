@@ -232,10 +232,21 @@ impl BackgroundService for FileWatcher {
             let store = self.store.clone();
             let status = self.status.clone();
             let _ = tokio::task::spawn_blocking(move || reload_now(&store, &status, "file")).await;
-            // A reload may have changed the set of files (new includes,
-            // other certificates): watch what the policy is made of now.
-            seen = fingerprints(&self.store);
-            loaded = content_hash(&self.store);
+            // What was read is what the snapshot before the reload saw: a file
+            // that changed while the reload ran (certbot swaps a certificate
+            // and its key one after the other) is seen next time. Only when
+            // the reload changed the set of files (new includes, other
+            // certificates) is the snapshot taken anew.
+            loaded = hash;
+            let after = fingerprints(&self.store);
+            let same_files = match (&after, &seen) {
+                (Some(a), Some(b)) => a.len() == b.len(),
+                _ => false,
+            };
+            if !same_files {
+                seen = after;
+                loaded = content_hash(&self.store);
+            }
         }
     }
 }

@@ -73,19 +73,48 @@ fn peer_cert(der: &[u8]) -> Option<PeerCert> {
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
+                // Kept by kind: a DNS name spelled like a URI must not pass
+                // for a URI binding, nor the other way round.
                 x509_parser::extensions::GeneralName::DNSName(d) => {
-                    sans.push(d.to_ascii_lowercase())
+                    sans.push(format!("dns:{}", d.to_ascii_lowercase()))
                 }
-                x509_parser::extensions::GeneralName::URI(u) => sans.push(u.to_string()),
+                x509_parser::extensions::GeneralName::URI(u) => sans.push(format!("uri:{u}")),
                 _ => {}
             }
         }
     }
     Some(PeerCert {
         sha256: sha2::Sha256::digest(der).into(),
-        subject: normalize_subject(&cert.subject().to_string()).unwrap_or_default(),
+        subject: subject_key(cert.subject()).unwrap_or_default(),
         sans,
+        not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// A certificate's subject in [`normalize_subject`]'s form, built from its
+/// attributes (not from a printed string, which does not escape): `None`,
+/// so no `subject` binding can match, when a value holds a character that
+/// could make it read as more than one attribute (`CN=billing,O=Example`
+/// as a single common name must not pass for two attributes), is padded,
+/// empty or not a string.
+fn subject_key(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+    let registry = x509_parser::objects::oid_registry();
+    let mut parts = Vec::new();
+    for attr in name.iter_attributes() {
+        let key = x509_parser::objects::oid2abbrev(attr.attr_type(), registry).ok()?;
+        let value = attr.as_str().ok()?;
+        if value.is_empty()
+            || value.trim() != value
+            || value.contains([',', '+', '=', '\\', '"', ';', '<', '>', '#'])
+        {
+            return None;
+        }
+        parts.push(format!("{key}={value}"));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    normalize_subject(&parts.join(","))
 }
 
 /// The longest request head the redirect listener reads.
