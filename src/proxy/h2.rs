@@ -123,6 +123,8 @@ where
         exceeded: Cell::new(false),
     });
     let mut idle_since = Some(Instant::now());
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut going_away = false;
     let mut gone_at: Option<tokio::time::Instant> = None;
     loop {
@@ -133,7 +135,6 @@ where
         if going_away && gone_at.is_none() {
             gone_at = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
         }
-        let idle_left = idle_since.map(|t| IDLE_TIMEOUT.saturating_sub(t.elapsed()));
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
@@ -161,19 +162,21 @@ where
                 going_away = true;
             }
             _ = worker.drain.notified(), if !going_away => {}
-            // A client that neither answers the GOAWAY's PING nor ends its
-            // streams does not keep the connection.
-            _ = tokio::time::sleep_until(gone_at.unwrap_or_else(tokio::time::Instant::now)), if gone_at.is_some() => break,
-            _ = tokio::time::sleep(idle_left.unwrap_or(IDLE_TIMEOUT)), if idle_left.is_some() && !going_away => {
-                METRICS.http2_goaways.with_label_values(&["idle"]).inc();
-                conn.graceful_shutdown();
-                going_away = true;
-            }
-            // Streams finish on their own tasks: look again now and then
-            // whether the connection went idle.
-            _ = tokio::time::sleep(Duration::from_secs(1)), if idle_since.is_none() => {
-                if !conn.has_streams() {
-                    idle_since = Some(Instant::now());
+            // One timer per connection, not one per stream: idleness and
+            // the GOAWAY deadline are looked at once a second.
+            _ = every.tick() => {
+                if let Some(at) = gone_at {
+                    // A client that neither answers the GOAWAY's PING nor
+                    // ends its streams does not keep the connection.
+                    if tokio::time::Instant::now() >= at {
+                        break;
+                    }
+                } else if conn.has_streams() {
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_TIMEOUT {
+                    METRICS.http2_goaways.with_label_values(&["idle"]).inc();
+                    conn.graceful_shutdown();
+                    going_away = true;
                 }
             }
         }
