@@ -127,39 +127,52 @@ pub fn find_client_cert(policy: &Policy, cert: &PeerCert, now: u64) -> Result<Ke
     if i64::try_from(now).unwrap_or(i64::MAX) >= cert.not_after {
         return Err(Denial::InvalidClientCert("it has expired"));
     }
-    let entry = policy.api_key(idx);
-    if entry.disabled {
-        return Err(Denial::InvalidClientCert("its binding is disabled"));
-    }
-    if entry.expires_at.is_some_and(|t| now >= t) {
-        return Err(Denial::InvalidClientCert("its binding has expired"));
-    }
-    if let Some(owner) = entry.owner {
-        if policy.user(owner).disabled {
-            return Err(Denial::InvalidClientCert("its owner is disabled"));
-        }
-    }
-    Ok(idx)
+    usable(policy, idx, now).map_err(|why| {
+        Denial::InvalidClientCert(match why {
+            Unusable::Disabled => "its binding is disabled",
+            Unusable::Expired => "its binding has expired",
+            Unusable::OwnerDisabled => "its owner is disabled",
+        })
+    })
 }
 
 /// The API key whose SHA-256 the policy lists, if it may be used now.
 pub fn find_api_key(policy: &Policy, key: &str, now: u64) -> Result<KeyIdx, Denial> {
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     let prefix = crate::policy::hash_prefix(&hash);
-    let (idx, entry) = policy
+    let (idx, _) = policy
         .api_key_by_hash_prefix(prefix)
         .filter(|(_, k)| bool::from(k.sha256.ct_eq(&hash)))
         .ok_or(Denial::InvalidApiKey("unknown key"))?;
+    usable(policy, idx, now).map_err(|why| {
+        Denial::InvalidApiKey(match why {
+            Unusable::Disabled => "the key is disabled",
+            Unusable::Expired => "the key has expired",
+            Unusable::OwnerDisabled => "the key's owner is disabled",
+        })
+    })
+}
+
+/// Why an entry of `api_keys` (a key, or a client-certificate binding)
+/// cannot be used.
+enum Unusable {
+    Disabled,
+    Expired,
+    OwnerDisabled,
+}
+
+/// The same rules for keys and certificate bindings: not disabled, not
+/// expired, and an owner who is not disabled.
+fn usable(policy: &Policy, idx: KeyIdx, now: u64) -> Result<KeyIdx, Unusable> {
+    let entry = policy.api_key(idx);
     if entry.disabled {
-        return Err(Denial::InvalidApiKey("the key is disabled"));
+        return Err(Unusable::Disabled);
     }
     if entry.expires_at.is_some_and(|t| now >= t) {
-        return Err(Denial::InvalidApiKey("the key has expired"));
+        return Err(Unusable::Expired);
     }
-    if let Some(owner) = entry.owner {
-        if policy.user(owner).disabled {
-            return Err(Denial::InvalidApiKey("the key's owner is disabled"));
-        }
+    if entry.owner.is_some_and(|o| policy.user(o).disabled) {
+        return Err(Unusable::OwnerDisabled);
     }
     Ok(idx)
 }
