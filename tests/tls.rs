@@ -300,6 +300,22 @@ fn certificates_rotate_live_and_a_bad_file_keeps_the_old_one() {
         .install(certs.path(), "default");
     wait_for("the good certificate", || cn_now() == "good-again.test");
 
+    // A configuration naming new files that are broken when it is saved:
+    // refused. Fixing the files, the configuration untouched, is enough.
+    let before = failed(&kg);
+    let next = ca.server("next.test", &["localhost"]);
+    std::fs::write(certs.path().join("next.crt"), &next.cert).unwrap();
+    std::fs::write(certs.path().join("next.key"), &other.key).unwrap();
+    let renamed = base_tls(certs.path()).replace("/default.", "/next.");
+    kg.write_config(&tls_config(&renamed), upstream.port);
+    wait_for(
+        "the configuration naming a mismatched pair to be refused",
+        || failed(&kg) > before,
+    );
+    assert_eq!(cn_now(), "good-again.test");
+    next.install(certs.path(), "next");
+    wait_for("the fixed files", || cn_now() == "next.test");
+
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.join().unwrap();

@@ -15,7 +15,7 @@ pub use toml::Spanned;
 
 pub use diagnostics::{ConfigError, Diagnostics, Severity};
 pub use include::Sources;
-pub use secret::{EnvAndFiles, Fixed, Placeholders, SecretSource};
+pub use secret::{EnvAndFiles, Fixed, Placeholders, Recording, SecretSource};
 
 /// A string value together with where it stands in the file.
 pub type Str = Spanned<String>;

@@ -42,6 +42,30 @@ impl SecretSource for EnvAndFiles {
     }
 }
 
+/// The real environment and files, remembering every file asked for: after
+/// a rejected reload the file watcher watches them too, so fixing the
+/// certificate a new configuration names is acted on like fixing the
+/// configuration itself.
+pub struct Recording {
+    pub real: EnvAndFiles,
+    pub read: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl SecretSource for Recording {
+    fn env(&self, name: &str) -> Result<String, String> {
+        self.real.env(name)
+    }
+
+    fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
+        self.read.borrow_mut().push(self.real.locate(path));
+        self.real.file(path)
+    }
+
+    fn locate(&self, path: &Path) -> PathBuf {
+        self.real.locate(path)
+    }
+}
+
 /// `keygate check --no-secrets`: the real environment and files, except
 /// that an unset variable gets a placeholder (long enough for any HMAC
 /// key) and is remembered, so the structure of a production file can be

@@ -9,8 +9,8 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use super::{compile_file, Counts, Policy};
-use crate::config::ConfigError;
+use super::{compile_file_with, Counts, Policy};
+use crate::config::{ConfigError, EnvAndFiles, Recording};
 
 pub struct PolicyStore {
     current: ArcSwap<Policy>,
@@ -20,6 +20,9 @@ pub struct PolicyStore {
     path: PathBuf,
     /// Serialises reloads; requests never take it.
     reloading: std::sync::Mutex<()>,
+    /// The files (certificates, keys, secrets) the last reload read, if it
+    /// was rejected: fixing one of them is worth another try.
+    rejected_files: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 #[derive(Debug)]
@@ -45,6 +48,7 @@ impl PolicyStore {
             boot: policy,
             path: path.to_path_buf(),
             reloading: std::sync::Mutex::new(()),
+            rejected_files: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -56,7 +60,15 @@ impl PolicyStore {
         &self.path
     }
 
-    /// Restart-only settings the file changed since the process started.
+    /// The files the last reload read if it was rejected (none if it was
+    /// applied): a new certificate it named and found broken, say.
+    pub fn rejected_files(&self) -> Vec<PathBuf> {
+        self.rejected_files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// `[server.tls]` as the process started with it: whether the public
     /// port speaks TLS is fixed until a restart.
     pub fn boot_tls(&self) -> Option<std::sync::Arc<crate::tls::TlsPolicy>> {
@@ -75,7 +87,24 @@ impl PolicyStore {
             .reloading
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match compile_file(&self.path) {
+        let source = Recording {
+            real: EnvAndFiles {
+                base: self
+                    .path
+                    .parent()
+                    .map_or_else(PathBuf::new, Path::to_path_buf),
+            },
+            read: Default::default(),
+        };
+        let compiled = compile_file_with(&self.path, &source);
+        *self
+            .rejected_files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = match &compiled {
+            Ok(_) => Vec::new(),
+            Err(_) => source.read.into_inner(),
+        };
+        match compiled {
             Ok(compiled) => {
                 let needs_restart = restart_only_changes(&self.boot, &compiled.policy);
                 let counts = compiled.policy.counts();

@@ -153,17 +153,24 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
 
 /// Every file the running policy is made of: the main file, what its
 /// `include` patterns match now (a file added to `users.d/` counts as a
-/// change too), and the TLS certificates, keys and client CAs it read.
+/// change too), and the TLS certificates, keys and client CAs it read;
+/// after a rejected reload, also the files that reload read (fixing the
+/// new certificate it named is acted on without touching the config).
 fn watched(store: &PolicyStore) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
     let config = crate::config::include::files(store.path());
-    let tls = store
+    let mut other = store
         .load()
         .server
         .tls
         .as_ref()
         .map(|t| t.files.clone())
         .unwrap_or_default();
-    (config, tls)
+    for file in store.rejected_files() {
+        if !other.contains(&file) {
+            other.push(file);
+        }
+    }
+    (config, other)
 }
 
 /// The identity of each watched file. A configuration file missing for a
