@@ -1361,33 +1361,35 @@ impl Exchange {
             return;
         }
         let principal = decision.and_then(|d| d.principal);
-        access_log::write(
-            policy.log.access,
-            &access_log::Entry {
-                time: access_log::now(),
-                request_id: &self.request_id,
-                client_ip: Some(decision.map_or(self.client_ip, |d| d.client_ip)),
-                method: self.method.as_str(),
-                path: access_log::clip(&self.path),
-                route,
-                status,
-                upstream_status: self.upstream_status,
-                principal: principal
-                    .map(|p| p.subject_str(policy))
-                    .or(self.subject.as_deref()),
-                auth_method: principal.map(|p| p.method.as_str()),
-                key_id: principal
-                    .and_then(|p| p.key)
-                    .map(|k| &*policy.api_key(k).id),
-                tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
-                code: self.refused.map(|(_, code)| code),
-                bytes_in,
-                bytes_out,
-                user_agent: self.user_agent.as_deref().map(access_log::clip),
-                upstream_ms: self.upstream_elapsed.map(access_log::ms),
-                total_ms: access_log::ms(elapsed),
-            },
-        );
+        access_log::with_now(|time| {
+            access_log::write(
+                policy.log.access,
+                &access_log::Entry {
+                    time,
+                    request_id: &self.request_id,
+                    client_ip: Some(decision.map_or(self.client_ip, |d| d.client_ip)),
+                    method: self.method.as_str(),
+                    path: access_log::clip(&self.path),
+                    route,
+                    status,
+                    upstream_status: self.upstream_status,
+                    principal: principal
+                        .map(|p| p.subject_str(policy))
+                        .or(self.subject.as_deref()),
+                    auth_method: principal.map(|p| p.method.as_str()),
+                    key_id: principal
+                        .and_then(|p| p.key)
+                        .map(|k| &*policy.api_key(k).id),
+                    tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
+                    code: self.refused.map(|(_, code)| code),
+                    bytes_in,
+                    bytes_out,
+                    user_agent: self.user_agent.as_deref().map(access_log::clip),
+                    upstream_ms: self.upstream_elapsed.map(access_log::ms),
+                    total_ms: access_log::ms(elapsed),
+                },
+            )
+        });
     }
 }
 
