@@ -47,6 +47,7 @@ pub struct TlsPolicy {
     pub redirect_listen: Option<SocketAddr>,
     pub handshake_timeout: Duration,
     pub client_auth: ClientAuth,
+    pub http2: Http2Limits,
     /// As configured, for `config dump` and the restart check.
     pub summary: String,
 }
@@ -54,6 +55,35 @@ pub struct TlsPolicy {
 impl std::fmt::Debug for TlsPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.summary)
+    }
+}
+
+/// `[server.tls.http2]`: what one HTTP/2 connection may do. Taken when the
+/// connection starts, so a reload applies to the connections after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Streams open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
+    /// The decoded header list, in bytes (`SETTINGS_MAX_HEADER_LIST_SIZE`);
+    /// it also bounds CONTINUATION frames.
+    pub max_header_list_size: u32,
+    /// A connection without a stream for this long gets GOAWAY.
+    pub idle_timeout: Duration,
+    /// Streams a client may reset within 10 s before its connection ends
+    /// with GOAWAY `ENHANCE_YOUR_CALM` (rapid reset, CVE-2023-44487).
+    pub max_client_resets: u32,
+}
+
+impl Default for Http2Limits {
+    /// nginx's stream count and idle time; the header list as large as
+    /// the HTTP/1.1 head a stream becomes may be.
+    fn default() -> Http2Limits {
+        Http2Limits {
+            max_concurrent_streams: 128,
+            max_header_list_size: crate::http1::parse::MAX_HEAD as u32,
+            idle_timeout: Duration::from_secs(60),
+            max_client_resets: 100,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use support::tls::{client_config, Ca};
 use support::*;
 
 struct Setup {
-    _certs: tempfile::TempDir,
+    certs: tempfile::TempDir,
     ca: Ca,
     ca_file: std::path::PathBuf,
     upstream: Upstream,
@@ -40,7 +40,7 @@ fn start() -> Setup {
     let config = format!("{}{}", config(), tls_section(certs.path()));
     let kg = Keygate::start(&config, upstream.port);
     Setup {
-        _certs: certs,
+        certs,
         ca,
         ca_file,
         upstream,
@@ -471,4 +471,70 @@ fn a_stream_ends_with_its_answer_even_if_its_body_never_does() {
         "the stream was left waiting for its body: {frames:?}"
     );
     assert_eq!(s.upstream.count(), 0);
+}
+
+/// `[server.tls.http2]` sets the limits, and a reload changes them for the
+/// connections after it: announced, and enforced (a stream past the
+/// concurrent limit is refused and never forwarded; an idle connection gets
+/// GOAWAY after `idle_timeout`).
+#[test]
+fn http2_limits_come_from_the_config_and_change_on_reload() {
+    let s = start();
+    let announced = |s: &Setup| {
+        let mut c = raw(s, &[]);
+        let (frames, _) = c.read_frames(Duration::from_millis(300));
+        let settings = frames
+            .iter()
+            .find(|f| f.kind == SETTINGS && f.flags & ACK == 0)
+            .expect("server SETTINGS")
+            .clone();
+        (setting(&settings, 0x3), setting(&settings, 0x6))
+    };
+    assert_eq!(announced(&s), (Some(128), Some(64 * 1024)));
+
+    let limited = format!(
+        "{}{}[server.tls.http2]\nmax_concurrent_streams = 4\nmax_header_list_size = 8192\nidle_timeout = \"2s\"\nmax_client_resets = 50\n",
+        config(),
+        tls_section(s.certs.path())
+    );
+    s.kg.write_config(&limited, s.upstream.port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while announced(&s) != (Some(4), Some(8192)) {
+        assert!(
+            Instant::now() < deadline,
+            "the new limits were never announced: {}",
+            s.kg.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Five slow requests at once on one connection: the fifth is refused.
+    let mut c = raw(&s, &[]);
+    let _ = c.read_frames(Duration::from_millis(200));
+    let block = request("/slow/x", &[("x-api-key", KEY_CI)]);
+    for id in [1, 3, 5, 7, 9] {
+        c.get(id, &block).unwrap();
+    }
+    let (frames, _) = c.read_frames(Duration::from_secs(1));
+    let refused = frames
+        .iter()
+        .find(|f| f.kind == RST_STREAM && f.stream == 9)
+        .unwrap_or_else(|| panic!("stream 9 was not refused: {frames:?}"));
+    // REFUSED_STREAM, or PROTOCOL_ERROR.
+    assert!(
+        matches!(refused.error_code(), Some(0x7) | Some(0x1)),
+        "{refused:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.upstream.count(), 4, "more streams than the limit went up");
+
+    // A connection without a stream: GOAWAY after about 2 s, not 60 s.
+    let mut idle = raw(&s, &[]);
+    let started = Instant::now();
+    let (frames, closed) = idle.read_frames(Duration::from_secs(6));
+    assert!(
+        frames.iter().any(|f| f.kind == GOAWAY) || closed,
+        "no GOAWAY within 6 s of idleness: {frames:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
 }

@@ -440,6 +440,26 @@ fn check_verifies_keys_and_expiry() {
     )));
     assert!(!ok);
     assert!(out.contains("unknown ALPN protocol"), "{out}");
+
+    // [server.tls.http2]: limits out of range are blamed at their line.
+    let (ok, out) = check(&filled(&format!(
+        "{}[server.tls.http2]\nmax_concurrent_streams = 0\nmax_header_list_size = 1000000\nidle_timeout = \"soon\"\n",
+        default_only(d)
+    )));
+    assert!(!ok);
+    for words in [
+        "max_concurrent_streams must be between 1 and 10000",
+        "max_header_list_size (bytes) must be between 1024 and 65536",
+        "\"soon\" is not a duration",
+    ] {
+        assert!(out.contains(words), "{words}: {out}");
+    }
+    let (ok, out) = check(&filled(&format!(
+        "{}alpn = [\"http/1.1\"]\n[server.tls.http2]\nmax_concurrent_streams = 8\n",
+        default_only(d)
+    )));
+    assert!(ok, "{out}");
+    assert!(out.contains("has no effect"), "{out}");
 }
 
 /// Client certificates as credentials: bound by subject, fingerprint or

@@ -174,6 +174,20 @@ pub struct Tls {
     pub hsts_max_age: Option<Str>,
     #[serde(default)]
     pub hsts_include_subdomains: bool,
+    /// `[server.tls.http2]`: limits of one HTTP/2 connection.
+    pub http2: Option<Spanned<Http2>>,
+}
+
+/// `[server.tls.http2]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2 {
+    pub max_concurrent_streams: Option<Spanned<i64>>,
+    /// Bytes.
+    pub max_header_list_size: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Str>,
+    /// Within 10 s.
+    pub max_client_resets: Option<Spanned<i64>>,
 }
 
 /// `[[server.tls.certs]]`.

@@ -12,19 +12,21 @@
 //! answer comes back the same way and is re-framed as HEADERS and DATA.
 //!
 //! Protections, besides the engine's own limits:
-//! - at most [`MAX_STREAMS`] concurrent streams, a bounded header list
-//!   ([`MAX_HEADER_LIST`], which also bounds CONTINUATION frames in `h2`)
-//!   and a 4 KiB HPACK table, so a compressed header bomb cannot decode to
+//! - at most [`Http2Limits::max_concurrent_streams`] concurrent streams, a
+//!   bounded header list ([`Http2Limits::max_header_list_size`], which also
+//!   bounds CONTINUATION frames in `h2`) and a 4 KiB HPACK table, so a compressed header bomb cannot decode to
 //!   more than the list size;
 //! - rapid reset (CVE-2023-44487): `h2` caps streams reset before they are
 //!   accepted, and a connection whose client resets more than
-//!   [`MAX_RESETS`] streams within [`RESET_WINDOW`] is ended with GOAWAY
+//!   [`Http2Limits::max_client_resets`] streams within [`RESET_WINDOW`] is
+//!   ended with GOAWAY
 //!   `ENHANCE_YOUR_CALM`; a reset stream's work (gate, upstream request)
 //!   is aborted at once;
 //! - slow reading and flow-control starvation: an answer that cannot send
 //!   for [`SEND_TIMEOUT`] is reset, and a connection's send buffer is
 //!   bounded;
-//! - idle connections close after [`IDLE_TIMEOUT`], a stalled handshake
+//! - idle connections close after [`Http2Limits::idle_timeout`], a stalled
+//!   handshake
 //!   after [`HANDSHAKE_TIMEOUT`], and any connection at most
 //!   [`GOAWAY_GRACE`] after its GOAWAY; a stream ends with its answer (a
 //!   request body still unsent is not waited for);
@@ -45,21 +47,15 @@ use tokio::sync::Notify;
 
 use super::exchange::{self, TlsInfo, Worker};
 use crate::http1::body::{chunk_head, Decoder, LAST_CHUNK};
-use crate::http1::parse::{parse_response, HeadView, MAX_HEAD};
+use crate::http1::parse::{parse_response, HeadView};
 use crate::metrics::METRICS;
+use crate::tls::Http2Limits;
 
-/// Concurrent streams per connection (nginx's `http2_max_concurrent_streams`).
-pub const MAX_STREAMS: u32 = 128;
-/// The decoded header list a client may send (the HTTP/1.1 head limit).
-pub const MAX_HEADER_LIST: u32 = MAX_HEAD as u32;
-/// Streams a client may reset within [`RESET_WINDOW`] before its
-/// connection ends (a browser cancels a few; an attack, thousands).
-pub const MAX_RESETS: u32 = 100;
+/// The window [`Http2Limits::max_client_resets`] counts resets in (a
+/// browser cancels a few streams; an attack, thousands).
 pub const RESET_WINDOW: Duration = Duration::from_secs(10);
 /// An answer that can send nothing for this long is given up.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
-/// A connection with no stream for this long is closed (GOAWAY).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After GOAWAY, the connection is dropped this much later at the latest
 /// (h2 waits for the client's PING answer and the open streams).
@@ -72,7 +68,9 @@ const READ_CHUNK: usize = 16 * 1024;
 struct Resets {
     count: Cell<u32>,
     since: Cell<Instant>,
-    /// Set when the count passed [`MAX_RESETS`].
+    /// Past this many within [`RESET_WINDOW`], the connection ends.
+    max: u32,
+    /// Set when the count passed `max`.
     calm: Notify,
     exceeded: Cell<bool>,
 }
@@ -85,7 +83,7 @@ impl Resets {
             self.count.set(0);
         }
         self.count.set(self.count.get() + 1);
-        if self.count.get() > MAX_RESETS && !self.exceeded.get() {
+        if self.count.get() > self.max && !self.exceeded.get() {
             self.exceeded.set(true);
             self.calm.notify_one();
         }
@@ -93,14 +91,14 @@ impl Resets {
 }
 
 /// Serve one HTTP/2 connection (after TLS and ALPN) until it ends.
-pub async fn serve<S>(worker: Rc<Worker>, io: S, peer: IpAddr, info: TlsInfo)
+pub async fn serve<S>(worker: Rc<Worker>, io: S, peer: IpAddr, info: TlsInfo, limits: Http2Limits)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let mut builder = h2::server::Builder::new();
     builder
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
         .header_table_size(4096)
         .initial_window_size(256 * 1024)
         .initial_connection_window_size(1024 * 1024)
@@ -119,6 +117,7 @@ where
     let resets = Rc::new(Resets {
         count: Cell::new(0),
         since: Cell::new(Instant::now()),
+        max: limits.max_client_resets,
         calm: Notify::new(),
         exceeded: Cell::new(false),
     });
@@ -173,7 +172,7 @@ where
                     }
                 } else if conn.has_streams() {
                     idle_since = None;
-                } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_TIMEOUT {
+                } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= limits.idle_timeout {
                     METRICS.http2_goaways.with_label_values(&["idle"]).inc();
                     conn.graceful_shutdown();
                     going_away = true;

@@ -59,7 +59,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr, tls: Arc
             .map(Rc::new),
     };
     if conn.alpn_protocol() == Some(b"h2") {
-        super::h2::serve(worker, stream, peer, info).await;
+        super::h2::serve(worker, stream, peer, info, tls.http2).await;
     } else {
         exchange::serve(worker, stream, peer, Some(info)).await;
     }

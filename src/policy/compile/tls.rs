@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use super::Cx;
 use crate::config::{self, SniNames, Spanned, Str};
-use crate::tls::{self, CertInfo, ClientAuth, Loaded, PairError, Resolver, Settings, TlsPolicy};
+use crate::tls::{
+    self, CertInfo, ClientAuth, Http2Limits, Loaded, PairError, Resolver, Settings, TlsPolicy,
+};
 
 impl Cx<'_> {
     pub(super) fn tls(
@@ -191,11 +193,20 @@ impl Cx<'_> {
         let handshake_timeout =
             self.duration_or(t.handshake_timeout.as_ref(), Duration::from_secs(10));
         let resumption = t.session_resumption.as_ref().is_none_or(|r| *r.get_ref());
+        if let Some(h) = &t.http2 {
+            if !alpn.iter().any(|p| p.as_slice() == b"h2") {
+                self.d.warn(
+                    h.span(),
+                    "[server.tls.http2] has no effect: alpn does not offer \"h2\"",
+                );
+            }
+        }
+        let http2 = self.http2(t.http2.as_ref().map(|h| h.get_ref()));
         if failed {
             return None;
         }
         let summary = format!(
-            "tls: {} certificate(s) [{}], min {}, alpn {:?}, resumption {}, client_auth {:?}",
+            "tls: {} certificate(s) [{}], min {}, alpn {:?}, resumption {}, client_auth {:?}, {:?}",
             certs.len(),
             certs
                 .iter()
@@ -208,6 +219,7 @@ impl Cx<'_> {
                 .collect::<Vec<_>>(),
             resumption,
             client_auth,
+            http2,
         );
         let config = tls::server_config(Settings {
             resolver,
@@ -231,8 +243,54 @@ impl Cx<'_> {
             redirect_listen,
             handshake_timeout,
             client_auth,
+            http2,
             summary,
         }))
+    }
+
+    /// `[server.tls.http2]`, each limit within what keygate can serve.
+    fn http2(&mut self, h: Option<&config::Http2>) -> Http2Limits {
+        let default = Http2Limits::default();
+        let Some(h) = h else { return default };
+        let mut within = |n: Option<&Spanned<i64>>, lo: u32, hi: u32, default: u32, what| {
+            let Some(n) = n else { return default };
+            match u32::try_from(*n.get_ref()) {
+                Ok(v) if (lo..=hi).contains(&v) => v,
+                _ => {
+                    self.d
+                        .error(n.span(), format!("{what} must be between {lo} and {hi}"));
+                    default
+                }
+            }
+        };
+        let max_concurrent_streams = within(
+            h.max_concurrent_streams.as_ref(),
+            1,
+            10_000,
+            default.max_concurrent_streams,
+            "max_concurrent_streams",
+        );
+        // A stream becomes an HTTP/1.1 head, which has this limit anyway.
+        let max_header_list_size = within(
+            h.max_header_list_size.as_ref(),
+            1024,
+            default.max_header_list_size,
+            default.max_header_list_size,
+            "max_header_list_size (bytes)",
+        );
+        let max_client_resets = within(
+            h.max_client_resets.as_ref(),
+            1,
+            1_000_000,
+            default.max_client_resets,
+            "max_client_resets",
+        );
+        Http2Limits {
+            max_concurrent_streams,
+            max_header_list_size,
+            idle_timeout: self.duration_or(h.idle_timeout.as_ref(), default.idle_timeout),
+            max_client_resets,
+        }
     }
 
     /// A certificate file and its key, loaded and checked.
