@@ -103,6 +103,9 @@ enum Command {
         /// An extra request header, 'Name: value' (repeatable)
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// A client certificate (PEM), as if presented in the TLS handshake
+        #[arg(long, value_name = "FILE")]
+        client_cert: Option<PathBuf>,
     },
     /// Sign or verify a webhook payload read from stdin
     Webhook {
@@ -268,6 +271,7 @@ fn main() -> ExitCode {
             token,
             api_key,
             headers,
+            client_cert,
         } => {
             let req = keygate::cli::explain::Request {
                 method: &method,
@@ -276,6 +280,7 @@ fn main() -> ExitCode {
                 token: token.as_deref(),
                 api_key: api_key.as_deref(),
                 headers: &headers,
+                client_cert: client_cert.as_deref(),
             };
             return match keygate::cli::explain::run(&keygate::cli::config_path(config), &req) {
                 Ok(true) => ExitCode::SUCCESS,

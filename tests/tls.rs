@@ -569,6 +569,49 @@ permissions = ["vms:read"]
     // Signed by a CA keygate does not trust: no handshake at all.
     assert!(get(Some(&foreign), &[]).is_err());
 
+    // `keygate explain --client-cert` reaches the proxy's verdicts above.
+    let explain = |leaf: &support::tls::Leaf, ip: &str| {
+        let file = d.join("explain.crt");
+        std::fs::write(&file, &leaf.cert).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["explain", "-c"])
+            .arg(kg.config_path())
+            .args(["--path", "/v1/vms", "--ip", ip, "--client-cert"])
+            .arg(&file)
+            .env("KEYGATE_TEST_HS", HS_SECRET)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    for (leaf, ip, want) in [
+        (&billing, "127.0.0.1", "ALLOW"),
+        (&metrics, "127.0.0.1", "ALLOW"),
+        (&reports, "127.0.0.1", "DENY 403 ip_not_allowed"),
+        (&reports, "198.51.100.7", "ALLOW"),
+        (
+            &stranger,
+            "127.0.0.1",
+            "DENY 401 invalid_client_certificate",
+        ),
+        (
+            &lookalike,
+            "127.0.0.1",
+            "DENY 401 invalid_client_certificate",
+        ),
+    ] {
+        let out = explain(leaf, ip);
+        let last = out.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("decision") && last.contains(want),
+            "{want}: {out}"
+        );
+    }
+    assert!(explain(&billing, "127.0.0.1").contains("client certificate \"billing\""));
+
     // curl with a client certificate.
     let out = Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])

@@ -8,11 +8,12 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::gate::{self, Decision, Denial, RequestFacts};
+use crate::gate::{self, AuthMethod, Decision, Denial, PeerCert, RequestFacts};
 use crate::limit::Limiter;
 use crate::policy::{Access, Policy, Rate};
 use crate::proxy::dispatch::{dispatch, Dispatch};
 use crate::proxy::refusal::Refusal;
+use crate::tls::ClientAuth;
 
 pub struct Request<'a> {
     pub method: &'a str,
@@ -22,6 +23,9 @@ pub struct Request<'a> {
     pub api_key: Option<&'a str>,
     /// `Name: value` lines.
     pub headers: &'a [String],
+    /// A client certificate (PEM, leaf first), as if the TLS handshake had
+    /// verified it.
+    pub client_cert: Option<&'a Path>,
 }
 
 /// Print the explanation of `req` under the file at `path`. `Ok(true)` when
@@ -39,6 +43,7 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         .with_context(|| format!("{:?} is not an HTTP method", req.method))?;
     let raw_path = req.path.split('?').next().unwrap_or("/");
     let headers = headers(policy, req)?;
+    let client_cert = req.client_cert.map(read_client_cert).transpose()?;
     let mut out = String::new();
     let line = |out: &mut String, step: &str, text: &str| {
         let _ = writeln!(out, "{step:<13} {text}");
@@ -48,6 +53,28 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         "request",
         &format!("{method} {} from {}", req.path, req.ip),
     );
+    if let Some(cert) = &client_cert {
+        let asked = match policy.server.tls.as_ref().map(|t| t.client_auth) {
+            Some(ClientAuth::Off) | None => {
+                "; but no client_ca_file is set, so the handshake never asks for one"
+            }
+            Some(_) => "; explain does not check that client_ca_file signed it, the handshake does",
+        };
+        let sans = if cert.sans.is_empty() {
+            String::new()
+        } else {
+            format!(", names {}", cert.sans.join(" "))
+        };
+        line(
+            &mut out,
+            "client cert",
+            &format!(
+                "subject {:?}{sans}, sha256 {}{asked}",
+                cert.subject,
+                hex::encode(cert.sha256)
+            ),
+        );
+    }
 
     let path = match gate::path::normalize(raw_path) {
         Ok(p) => p,
@@ -131,12 +158,24 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         method: &method,
         path: &path,
         headers: &headers,
-        client_cert: None,
+        client_cert: client_cert.as_ref(),
     };
     // A fresh limiter: explain shows the tier that would apply, not live counters.
     let d = gate::decide(policy, &Limiter::new(), &facts, now_us);
     steps(&mut out, policy, req, &d);
     Ok((out, d.allowed()))
+}
+
+/// The leaf of a PEM certificate file, as the handshake hands it to the gate.
+fn read_client_cert(file: &Path) -> anyhow::Result<PeerCert> {
+    let pem = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let chain =
+        crate::tls::certificates(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let leaf = chain
+        .first()
+        .with_context(|| format!("{}: no certificate in it", file.display()))?;
+    crate::proxy::tls::peer_cert(leaf)
+        .with_context(|| format!("{}: not an X.509 certificate", file.display()))
 }
 
 fn headers(policy: &Policy, req: &Request<'_>) -> anyhow::Result<HeaderMap> {
@@ -184,6 +223,7 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
                 | Denial::InvalidToken(_)
                 | Denial::TokenExpired
                 | Denial::InvalidApiKey(_)
+                | Denial::InvalidClientCert(_)
                 | Denial::InvalidRequest(_),
             ),
             "credential",
@@ -272,6 +312,9 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
             policy.user(u).email
         ),
         (Some(u), None) => format!("user {:?} <{}>", policy.user(u).id, policy.user(u).email),
+        (None, Some(k)) if p.method == AuthMethod::Mtls => {
+            format!("client certificate {:?}", policy.api_key(k).id)
+        }
         (None, Some(k)) => format!("key {:?} (no owner)", policy.api_key(k).id),
         (None, None) => String::new(),
     };
@@ -344,6 +387,7 @@ mod tests {
             token: None,
             api_key: None,
             headers: &[],
+            client_cert: None,
         };
         explain(policy, &req, 1_800_000_000_000_000).unwrap()
     }

@@ -66,7 +66,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr, tls: Arc
 }
 
 /// What the policy can match in a client certificate the handshake verified.
-fn peer_cert(der: &[u8]) -> Option<PeerCert> {
+pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
     use sha2::Digest;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let mut sans = Vec::new();
