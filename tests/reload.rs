@@ -273,3 +273,37 @@ fn fifty_reloads_under_constant_load_fail_no_request() {
     assert!(kg.metric("keygate_config_reloads_total{result=\"success\"}") >= 25.0);
     assert!(kg.metric("keygate_config_reloads_total{result=\"failure\"}") >= 25.0);
 }
+
+/// A reload rejected because a file it reads is gone (SIGHUP here; the
+/// configuration itself unchanged) is not repeated by the file watcher, and
+/// putting the file back is acted on without touching the configuration.
+#[test]
+fn a_rejected_reload_is_not_repeated_and_fixing_its_file_is_acted_on() {
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    let secret = "an-admin-token-long-enough-0123456789abcdef";
+    std::fs::write(&token, secret).unwrap();
+    let config = config().replacen(
+        "[server]\n",
+        &format!("[server]\nadmin_token_file = \"{}\"\n", token.display()),
+        1,
+    );
+    let kg = Keygate::start(&config, upstream.port);
+    let failed = || kg.metric(r#"keygate_config_reloads_total{result="failure"}"#);
+    let applied = || kg.metric(r#"keygate_config_reloads_total{result="success"}"#);
+
+    std::fs::remove_file(&token).unwrap();
+    kg.signal("HUP");
+    within(Duration::from_secs(10), || failed() >= 1.0);
+    // Three watcher passes: none of them tries it again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(failed(), 1.0, "the rejected reload was repeated");
+    assert!(kg.stderr().contains("admin-token"), "{}", kg.stderr());
+
+    let before = applied();
+    std::fs::write(&token, secret).unwrap();
+    within(Duration::from_secs(10), || applied() > before);
+    assert_eq!(failed(), 1.0);
+    assert!(!kg.stderr().contains(secret), "the token was logged");
+}

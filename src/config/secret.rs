@@ -42,13 +42,25 @@ impl SecretSource for EnvAndFiles {
     }
 }
 
-/// The real environment and files, remembering every file asked for: after
-/// a rejected reload the file watcher watches them too, so fixing the
-/// certificate a new configuration names is acted on like fixing the
-/// configuration itself.
+/// The real environment and files, remembering the certificate, key and CA
+/// files named (the TLS settings locate each) and any file that could not
+/// be read: after a rejected reload the file watcher watches them too, so
+/// fixing the certificate a new configuration names is acted on like fixing
+/// the configuration itself. Secret files that read fine are not
+/// remembered: their rotation (vault-agent, projected tokens) must not retry
+/// a configuration rejected for another reason.
 pub struct Recording {
     pub real: EnvAndFiles,
     pub read: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl Recording {
+    fn remember(&self, path: PathBuf) {
+        let mut read = self.read.borrow_mut();
+        if !read.contains(&path) {
+            read.push(path);
+        }
+    }
 }
 
 impl SecretSource for Recording {
@@ -57,12 +69,17 @@ impl SecretSource for Recording {
     }
 
     fn file(&self, path: &Path) -> Result<Vec<u8>, String> {
-        self.read.borrow_mut().push(self.real.locate(path));
-        self.real.file(path)
+        let read = self.real.file(path);
+        if read.is_err() {
+            self.remember(self.real.locate(path));
+        }
+        read
     }
 
     fn locate(&self, path: &Path) -> PathBuf {
-        self.real.locate(path)
+        let located = self.real.locate(path);
+        self.remember(located.clone());
+        located
     }
 }
 

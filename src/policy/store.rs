@@ -20,8 +20,9 @@ pub struct PolicyStore {
     path: PathBuf,
     /// Serialises reloads; requests never take it.
     reloading: std::sync::Mutex<()>,
-    /// The files (certificates, keys, secrets) the last reload read, if it
-    /// was rejected: fixing one of them is worth another try.
+    /// The files (certificates, keys, CAs, unreadable secret files) the
+    /// last reload named, if it was rejected: fixing one of them is worth
+    /// another try.
     rejected_files: std::sync::Mutex<Vec<PathBuf>>,
 }
 
@@ -60,8 +61,9 @@ impl PolicyStore {
         &self.path
     }
 
-    /// The files the last reload read if it was rejected (none if it was
-    /// applied): a new certificate it named and found broken, say.
+    /// If the last reload was rejected, the TLS files it named and the
+    /// files it could not read (none if it was applied): a new certificate
+    /// it found broken, say.
     pub fn rejected_files(&self) -> Vec<PathBuf> {
         self.rejected_files
             .lock()

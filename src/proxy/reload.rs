@@ -187,22 +187,37 @@ fn fingerprints(store: &PolicyStore) -> Option<Vec<Option<Fingerprint>>> {
     Some(out)
 }
 
-fn content_hash(store: &PolicyStore) -> Option<[u8; 32]> {
+/// What the last reload read, as far as the watcher can tell: a hash of the
+/// configuration files and one of the other files (TLS files, a rejected
+/// reload's files), kept apart because the set of other files changes with
+/// reloads themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Contents {
+    config: [u8; 32],
+    other: [u8; 32],
+}
+
+fn content_hash(store: &PolicyStore) -> Option<Contents> {
     use sha2::Digest;
-    let (config, tls) = watched(store);
+    let (config, other) = watched(store);
     let mut h = sha2::Sha256::new();
     for file in config {
         h.update(file.as_os_str().as_encoded_bytes());
         h.update(std::fs::read(&file).ok()?);
     }
-    for file in tls {
+    let config = h.finalize().into();
+    let mut h = sha2::Sha256::new();
+    for file in other {
         h.update(file.as_os_str().as_encoded_bytes());
         match std::fs::read(&file) {
             Ok(bytes) => h.update(bytes),
             Err(_) => h.update(b"\0missing"),
         }
     }
-    Some(h.finalize().into())
+    Some(Contents {
+        config,
+        other: h.finalize().into(),
+    })
 }
 
 #[async_trait]
@@ -211,6 +226,7 @@ impl BackgroundService for FileWatcher {
         let store = &*self.store;
         let mut seen = fingerprints(store);
         let mut loaded = content_hash(store);
+        let mut other_paths = watched(store).1;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(WATCH_EVERY) => {}
@@ -232,8 +248,21 @@ impl BackgroundService for FileWatcher {
                 settled = again;
             }
             seen = settled;
-            let hash = content_hash(store);
-            if hash.is_none() || hash == loaded {
+            let Some(now) = content_hash(store) else {
+                continue;
+            };
+            let paths = watched(store).1;
+            if paths != other_paths {
+                // Only a reload changes the set of other files, so one from
+                // elsewhere (SIGHUP, POST /reload) has just read them: their
+                // contents are not a change to act on (the configuration
+                // files' still are).
+                other_paths = paths;
+                if let Some(l) = loaded.as_mut() {
+                    l.other = now.other;
+                }
+            }
+            if Some(now) == loaded {
                 continue;
             }
             let store = self.store.clone();
@@ -242,16 +271,13 @@ impl BackgroundService for FileWatcher {
             // What was read is what the snapshot before the reload saw: a file
             // that changed while the reload ran (certbot swaps a certificate
             // and its key one after the other) is seen next time. Only when
-            // the reload changed the set of files (new includes, other
-            // certificates) is the snapshot taken anew.
-            loaded = hash;
-            let after = fingerprints(&self.store);
-            let same_files = match (&after, &seen) {
-                (Some(a), Some(b)) => a.len() == b.len(),
-                _ => false,
-            };
-            if !same_files {
-                seen = after;
+            // the reload changed the set of files (other certificates, those
+            // of a rejected reload) is the snapshot taken anew.
+            loaded = Some(now);
+            let paths = watched(&self.store).1;
+            if paths != other_paths {
+                other_paths = paths;
+                seen = fingerprints(&self.store);
                 loaded = content_hash(&self.store);
             }
         }
