@@ -443,14 +443,15 @@ fn check_verifies_keys_and_expiry() {
 
     // [server.tls.http2]: limits out of range are blamed at their line.
     let (ok, out) = check(&filled(&format!(
-        "{}[server.tls.http2]\nmax_concurrent_streams = 0\nmax_header_list_size = 1000000\nidle_timeout = \"soon\"\n",
+        "{}[server.tls.http2]\nmax_concurrent_streams = 0\nmax_header_list_size = 1000000\nidle_timeout = \"soon\"\nmax_client_resets = 20000\n",
         default_only(d)
     )));
     assert!(!ok);
     for words in [
-        "max_concurrent_streams must be between 1 and 10000",
+        "max_concurrent_streams must be between 1 and 1000",
         "max_header_list_size (bytes) must be between 1024 and 65536",
         "\"soon\" is not a duration",
+        "max_client_resets must be between 1 and 10000",
     ] {
         assert!(out.contains(words), "{words}: {out}");
     }

@@ -43,7 +43,7 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         .with_context(|| format!("{:?} is not an HTTP method", req.method))?;
     let raw_path = req.path.split('?').next().unwrap_or("/");
     let headers = headers(policy, req)?;
-    let client_cert = req.client_cert.map(read_client_cert).transpose()?;
+    let mut client_cert = req.client_cert.map(read_client_cert).transpose()?;
     let mut out = String::new();
     let line = |out: &mut String, step: &str, text: &str| {
         let _ = writeln!(out, "{step:<13} {text}");
@@ -54,26 +54,34 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         &format!("{method} {} from {}", req.path, req.ip),
     );
     if let Some(cert) = &client_cert {
-        let asked = match policy.server.tls.as_ref().map(|t| t.client_auth) {
-            Some(ClientAuth::Off) | None => {
-                "; but no client_ca_file is set, so the handshake never asks for one"
-            }
-            Some(_) => "; explain does not check that client_ca_file signed it, the handshake does",
-        };
-        let sans = if cert.sans.is_empty() {
+        let asked = policy
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth != ClientAuth::Off);
+        let names: Vec<String> = cert.sans.iter().map(|n| format!("{n:?}")).collect();
+        let names = if names.is_empty() {
             String::new()
         } else {
-            format!(", names {}", cert.sans.join(" "))
+            format!(", names {}", names.join(" "))
         };
         line(
             &mut out,
             "client cert",
             &format!(
-                "subject {:?}{sans}, sha256 {}{asked}",
+                "subject {:?}{names}, sha256 {}; {}",
                 cert.subject,
-                hex::encode(cert.sha256)
+                hex::encode(cert.sha256),
+                if asked {
+                    "explain does not check that client_ca_file signed it, the handshake does"
+                } else {
+                    "IGNORED: no client_ca_file is set, so the handshake never asks for one"
+                }
             ),
         );
+        if !asked {
+            client_cert = None;
+        }
     }
 
     let path = match gate::path::normalize(raw_path) {
@@ -421,5 +429,36 @@ mod tests {
             let (text, allowed) = ask(&policy, "GET", path);
             assert!(!allowed && text.contains("DENY 400"), "{path}: {text}");
         }
+    }
+
+    #[test]
+    fn a_client_certificate_is_ignored_where_the_handshake_never_asks_for_one() {
+        let src = format!(
+            "{}\n[[client_certs]]\nid = \"ops\"\nsubject = \"CN=ops\"\ntier = \"free\"\npermissions = [\"vms:read\"]\n",
+            crate::policy::testing::base_toml()
+        );
+        let policy = crate::policy::testing::compile_str(&src).unwrap().policy;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ops.crt");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["ops.internal".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ops");
+        std::fs::write(&file, params.self_signed(&key).unwrap().pem()).unwrap();
+        let req = Request {
+            method: "GET",
+            path: "/v1/vms",
+            ip: "192.0.2.1".parse().unwrap(),
+            token: None,
+            api_key: None,
+            headers: &[],
+            client_cert: Some(&file),
+        };
+        let (text, allowed) = explain(&policy, &req, 1_800_000_000_000_000).unwrap();
+        assert!(!allowed, "{text}");
+        assert!(text.contains("subject \"CN=ops\""), "{text}");
+        assert!(text.contains("IGNORED"), "{text}");
+        assert!(text.contains("DENY 401 missing_credentials"), "{text}");
     }
 }

@@ -263,10 +263,12 @@ impl Cx<'_> {
                 }
             }
         };
+        // Each stream holds two 64 KiB pipes and an engine task: 1000 is
+        // about 128 MiB for one connection at worst.
         let max_concurrent_streams = within(
             h.max_concurrent_streams.as_ref(),
             1,
-            10_000,
+            1000,
             default.max_concurrent_streams,
             "max_concurrent_streams",
         );
@@ -281,14 +283,23 @@ impl Cx<'_> {
         let max_client_resets = within(
             h.max_client_resets.as_ref(),
             1,
-            1_000_000,
+            10_000,
             default.max_client_resets,
             "max_client_resets",
         );
+        // Looked at once a second; an idle connection holds a descriptor.
+        let mut idle_timeout = self.duration_or(h.idle_timeout.as_ref(), default.idle_timeout);
+        if let Some(t) = &h.idle_timeout {
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&idle_timeout) {
+                self.d
+                    .error(t.span(), "idle_timeout must be between 1s and 1h");
+                idle_timeout = default.idle_timeout;
+            }
+        }
         Http2Limits {
             max_concurrent_streams,
             max_header_list_size,
-            idle_timeout: self.duration_or(h.idle_timeout.as_ref(), default.idle_timeout),
+            idle_timeout,
             max_client_resets,
         }
     }
