@@ -154,31 +154,70 @@ pub fn with_now<R>(f: impl FnOnce(&str) -> R) -> R {
     })
 }
 
+/// The bytes a JSON string cannot hold as they are: control characters,
+/// `"` and `\\`.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// Where the first byte that needs an escape is. Eight bytes at a time
+/// (each test below is exact for "some byte of the word is ..."), then
+/// byte by byte from the word that holds one.
+fn first_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+        let quote = has_zero(w ^ (ONES * u64::from(b'"')));
+        let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
+        if below_space | quote | backslash != 0 {
+            break;
+        }
+        i += 8;
+    }
+    bytes[i..]
+        .iter()
+        .position(|&b| NEEDS_ESCAPE[b as usize])
+        .map(|at| i + at)
+}
+
 /// `s` as a JSON string: quotes, backslashes and control characters
-/// escaped, everything else (UTF-8 included) as it is.
+/// escaped, everything else (UTF-8 included) as it is. Most values need no
+/// escape at all: one table lookup per byte finds that, and the string is
+/// copied whole.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
-                out.extend_from_slice(format!("\\u{b:04x}").as_bytes());
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
+    while let Some(at) = first_escape(&bytes[start..]) {
+        let i = start + at;
         out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(esc);
+        match bytes[i] {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+        }
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
@@ -235,6 +274,18 @@ fn json_line(e: &Entry<'_>, out: &mut Vec<u8>) {
     json_str(out, e.request_id);
     out.extend_from_slice(b",\"client_ip\":");
     match e.client_ip {
+        // IPv4 by hand: `Display` for an address is padding-aware and
+        // costs as much as the rest of the line.
+        Some(IpAddr::V4(ip)) => {
+            let [a, b, c, d] = ip.octets();
+            out.push(b'"');
+            json_num(out, a);
+            for octet in [b, c, d] {
+                out.push(b'.');
+                json_num(out, octet);
+            }
+            out.push(b'"');
+        }
         Some(ip) => {
             let _ = write!(out, "\"{ip}\"");
         }
@@ -433,6 +484,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut samples: Vec<String> = (0u32..0x80)
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b{c}{c}"))
+            .collect();
+        // Every position in and across the eight-byte words.
+        for c in (0u32..0x80).filter_map(char::from_u32) {
+            for at in 0..=24 {
+                samples.push(format!("{}{c}{}", "x".repeat(at), "\u{e9}y".repeat(9)));
+            }
+        }
+        samples.extend(["", "plain", "\u{e9}\u{2028}\u{1f600}", "\\\"\n\r\t"].map(String::from));
+        for s in samples {
+            let mut ours = Vec::new();
+            json_str(&mut ours, &s);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&s).unwrap(),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
     fn durations_are_written_as_serde_json_writes_them() {
         let mut seen = 0;
         let mut check = |micros: u64| {
@@ -480,7 +555,7 @@ mod tests {
             upstream_ms: Some(0.25),
             total_ms: 1.5,
         };
-        for _ in 0..2 {
+        for round in 0..3 {
             let mut ours = Vec::new();
             json_line(&e, &mut ours);
             let theirs = serde_json::to_vec(&e).unwrap();
@@ -488,6 +563,11 @@ mod tests {
             let b: serde_json::Value = serde_json::from_slice(&theirs).unwrap();
             assert_eq!(a, b, "{}", String::from_utf8_lossy(&ours));
             assert_eq!(ours, theirs);
+            if round == 0 {
+                e.client_ip = Some("10.0.255.1".parse().unwrap());
+                e.path = "/v1/\u{7f}\u{1f}\u{0}\\\"plain";
+                continue;
+            }
             e.client_ip = None;
             e.upstream_status = None;
             e.upstream_ms = None;
