@@ -25,6 +25,10 @@
 #   ROUNDS=5 DURATION=15s benches/load.sh
 #   ONLY="nginx-proxy-log keygate-jwt keygate-jwt-log" benches/load.sh
 #                                   # a subset of the rows (same run, same rules)
+#   INSTRUCTIONS=1 benches/load.sh  # no timing: callgrind counts the user-space
+#                                   # instructions per request of keygate-jwt
+#                                   # and keygate-jwt-log (20,000 requests after
+#                                   # a warm-up; repeatable on a busy machine)
 #
 # Installs nginx and wrk from Debian when missing. Only 127.0.0.1 is used.
 set -euo pipefail
@@ -190,16 +194,19 @@ frontend fe
   default_backend api
 HAPROXY
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
-"$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!)
-"$BIN" run -c "$work/keygate-log.toml" >"$work/keygate-access.log" 2>"$work/keygate-log.log" & pids+=($!)
+# Under INSTRUCTIONS, these two run under callgrind (about 50 times slower).
+counted=()
+[ -n "${INSTRUCTIONS:-}" ] && counted=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
+"${counted[@]}" "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!); KG_PID=$!
+"${counted[@]}" "$BIN" run -c "$work/keygate-log.toml" >"$work/keygate-access.log" 2>"$work/keygate-log.log" & pids+=($!); KGL_PID=$!
 redis-server --bind 127.0.0.1 --port "$RDS" --save '' --appendonly no >"$work/redis.log" 2>&1 & pids+=($!)
 sleep 0.3
 "$BIN" run -c "$work/keygate-redis.toml" 2>"$work/keygate-redis.log" & pids+=($!)
 target/release/examples/bare_pingora "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$work/bare.log" & pids+=($!)
 target/release/examples/bare_hyper "127.0.0.1:$HYP" "127.0.0.1:$UP" 2>"$work/hyper.log" & pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do curl -sf "http://127.0.0.1:$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMINR/healthz" >/dev/null && break; sleep 0.1; done
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMINL/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do curl -sf "http://127.0.0.1:$ADMINL/healthz" >/dev/null && break; sleep 0.1; done
 
 JWT=$(python3 - "$KEYGATE_JWT_SECRET" <<'PY'
 import base64, hashlib, hmac, json, sys, time
@@ -230,6 +237,28 @@ smoke 200 "http://127.0.0.1:$HYP/v1/vms"
 smoke 200 "http://127.0.0.1:$KGR/v1/vms" -H "Authorization: Bearer $JWT"
 smoke 200 "http://127.0.0.1:$KGL/v1/vms" -H "Authorization: Bearer $JWT"
 smoke 200 "http://127.0.0.1:$NGXL/v1/vms"
+
+if [ -n "${INSTRUCTIONS:-}" ]; then
+  command -v h2load >/dev/null || { apt-get install -y -qq nghttp2-client >/dev/null; }
+  declare -A per
+  for t in "keygate-jwt|$KG_PID|$KG" "keygate-jwt-log|$KGL_PID|$KGL"; do
+    IFS='|' read -r name pid p <<<"$t"
+    url="http://127.0.0.1:$p/v1/vms"
+    h2load --h1 -n 2000 -c 4 -H "Authorization: Bearer $JWT" "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    out=$(h2load --h1 -n 20000 -c 4 -H "Authorization: Bearer $JWT" "$url")
+    grep -q "20000 succeeded" <<<"$out" || { echo "$name: $out"; exit 1; }
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 1
+    file=$(ls -t "$work"/callgrind."$pid"* | head -1)
+    total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    per[$name]=$((total / 20000))
+    echo "$name: ${per[$name]} instructions per request (callgrind, user space)"
+  done
+  off=${per[keygate-jwt]}; on=${per[keygate-jwt-log]}
+  echo "access log on: +$((on - off)) instructions per request ($(python3 -c "print(f'{$on / $off:.3f}x')"))"
+  exit 0
+fi
 
 # name|url|header
 targets=(
