@@ -14,20 +14,18 @@
 //! Protections, besides the engine's own limits:
 //! - at most [`Http2Limits::max_concurrent_streams`] concurrent streams, a
 //!   bounded header list ([`Http2Limits::max_header_list_size`], which also
-//!   bounds CONTINUATION frames in `h2`) and a 4 KiB HPACK table, so a compressed header bomb cannot decode to
-//!   more than the list size;
+//!   bounds CONTINUATION frames in `h2`) and a 4 KiB HPACK table, so a
+//!   compressed header bomb cannot decode to more than the list size;
 //! - rapid reset (CVE-2023-44487): `h2` caps streams reset before they are
 //!   accepted, and a connection whose client resets more than
 //!   [`Http2Limits::max_client_resets`] streams within [`RESET_WINDOW`] is
-//!   ended with GOAWAY
-//!   `ENHANCE_YOUR_CALM`; a reset stream's work (gate, upstream request)
-//!   is aborted at once;
+//!   ended with GOAWAY `ENHANCE_YOUR_CALM`; a reset stream's work (gate,
+//!   upstream request) is aborted at once;
 //! - slow reading and flow-control starvation: an answer that cannot send
 //!   for [`SEND_TIMEOUT`] is reset, and a connection's send buffer is
 //!   bounded;
 //! - idle connections close after [`Http2Limits::idle_timeout`], a stalled
-//!   handshake
-//!   after [`HANDSHAKE_TIMEOUT`], and any connection at most
+//!   handshake after [`HANDSHAKE_TIMEOUT`], and any connection at most
 //!   [`GOAWAY_GRACE`] after its GOAWAY; a stream ends with its answer (a
 //!   request body still unsent is not waited for);
 //! - shutdown sends GOAWAY and lets the streams in flight finish.
