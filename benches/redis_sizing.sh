@@ -12,9 +12,10 @@ command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null ||
     { echo "needs redis-server and redis-benchmark (apt-get install redis-server)"; exit 1; }
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-redis-server --bind 127.0.0.1 --port "$PORT" --save '' --appendonly no >/dev/null 2>&1 &
+dir=$(mktemp -d)
+redis-server --bind 127.0.0.1 --port "$PORT" --dir "$dir" --save '' --appendonly no >/dev/null 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null' EXIT
+trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
 cli() { redis-cli -p "$PORT" "$@"; }
 for _ in $(seq 50); do cli PING >/dev/null 2>&1 && break; sleep 0.1; done
 

@@ -19,12 +19,13 @@ impl RedisServer {
         RedisServer::start_with(super::free_port(), &[], None)
     }
 
-    /// `redis-server` on `port` with `extra` arguments, run in `dir`.
+    /// `redis-server` on `port` with `extra` arguments, run in `dir` (a
+    /// fresh temporary one when none is given): whatever it writes (a
+    /// replica's RDB, cluster files) never lands in the checkout.
     pub fn start_with(port: u16, extra: &[&str], dir: Option<tempfile::TempDir>) -> RedisServer {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("temp dir for redis-server"));
         let mut cmd = Command::new("redis-server");
-        if let Some(d) = &dir {
-            cmd.current_dir(d.path());
-        }
+        cmd.current_dir(dir.path());
         let child = cmd
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
@@ -37,7 +38,7 @@ impl RedisServer {
             child,
             port,
             stopped: false,
-            _dir: dir,
+            _dir: Some(dir),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while server.command(&["PING"]).as_deref() != Some("+PONG") {
@@ -361,3 +362,4 @@ impl RedisTls {
         format!("rediss://127.0.0.1:{}", self.server.port)
     }
 }
+
