@@ -121,7 +121,7 @@ fn bench_decisions(c: &mut Criterion) {
     );
     let now = unix_now();
     let (user, _) = policy.user_by_id("u42").unwrap();
-    let (token, _) = keygate::issue::sign_access_token(&policy, user, now, 3600).unwrap();
+    let (token, _) = keygate::issue::sign_access_token(&policy, user, now, now, 3600).unwrap();
     let peer = "192.0.2.1".parse().unwrap();
     let get = Method::GET;
 
@@ -193,7 +193,8 @@ fn bench_decisions(c: &mut Criterion) {
             (0..POOL)
                 .map(|i| {
                     let (t, _) =
-                        keygate::issue::sign_access_token(&policy, user, now - i, 3600).unwrap();
+                        keygate::issue::sign_access_token(&policy, user, now - i, now - i, 3600)
+                            .unwrap();
                     headers("authorization", &format!("Bearer {t}"))
                 })
                 .collect(),

@@ -163,6 +163,7 @@ cat >> "$work/keygate-redis.toml" <<TOML
 [state]
 backend = "redis"
 url = "redis://127.0.0.1:$RDS"
+record_key = "load-bench-record-key-of-32-bytes-or-more"
 TOML
 cat > "$work/haproxy.cfg" <<HAPROXY
 global
@@ -199,7 +200,7 @@ counted=()
 [ -n "${INSTRUCTIONS:-}" ] && counted=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
 "${counted[@]}" "$BIN" run -c "$work/keygate.toml" 2>"$work/keygate.log" & pids+=($!); KG_PID=$!
 "${counted[@]}" "$BIN" run -c "$work/keygate-log.toml" >"$work/keygate-access.log" 2>"$work/keygate-log.log" & pids+=($!); KGL_PID=$!
-redis-server --bind 127.0.0.1 --port "$RDS" --save '' --appendonly no >"$work/redis.log" 2>&1 & pids+=($!)
+redis-server --bind 127.0.0.1 --port "$RDS" --dir "$work" --save '' --appendonly no >"$work/redis.log" 2>&1 & pids+=($!)
 sleep 0.3
 "$BIN" run -c "$work/keygate-redis.toml" 2>"$work/keygate-redis.log" & pids+=($!)
 target/release/examples/bare_pingora "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$work/bare.log" & pids+=($!)

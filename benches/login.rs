@@ -41,14 +41,22 @@ password_hash = "{phc}"
     secrets.env.insert("S".into(), "s".repeat(32));
     let policy = compile("bench.toml", &src, &secrets).unwrap().policy;
     let dir = tempfile::tempdir().unwrap();
-    let issuer = Issuer {
-        store: Arc::new(RedbStore::open(dir.path()).unwrap()),
-        throttles: Arc::new(Limiter::new()),
-    };
+    let issuer = Arc::new(Issuer::new(
+        Arc::new(RedbStore::open(dir.path()).unwrap()),
+        Arc::new(Limiter::new()),
+    ));
+    let policy = Arc::new(policy);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let ip = "192.0.2.1".parse().unwrap();
     let attempt = |email: &str| {
         let body = format!(r#"{{"email":"{email}","password":"wrong password"}}"#);
-        let r = issuer.login(&policy, ip, body.as_bytes(), unix_now_us());
+        let login = issuer
+            .clone()
+            .login(policy.clone(), ip, body.into_bytes(), unix_now_us());
+        let r = rt.block_on(login);
         assert_eq!(r.unwrap_err(), IssueError::InvalidCredentials);
     };
     let mut group = c.benchmark_group("failed_login");

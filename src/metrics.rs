@@ -34,6 +34,11 @@ pub struct Metrics {
     pub refresh_reuse: IntCounter,
     pub login_failures: IntCounter,
     pub login_throttled: IntCounter,
+    pub login_verifications: IntCounter,
+    pub login_overloaded: IntCounter,
+    pub login_admitted: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub connections_open: IntGauge,
     pub limiter_accounts: IntGauge,
     pub state_errors: IntCounterVec,
     pub redis_calls: IntCounterVec,
@@ -157,7 +162,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("register keygate_http2_client_resets_total"),
         http2_goaways: register_int_counter_vec!(
             "keygate_http2_protections_total",
-            "HTTP/2 protections applied: connections ended for rapid reset (enhance_your_calm) or idleness (idle), answers given up on a client that does not read (send_timeout).",
+            "HTTP/2 protections applied: connections ended for rapid reset (enhance_your_calm), idleness (idle) or a client certificate whose CAs are no longer trusted (client_ca_changed), answers given up on a client that does not read (send_timeout).",
             &["reason"]
         )
         .expect("register keygate_http2_protections_total"),
@@ -262,6 +267,32 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Logins refused with 429 login_throttled."
         )
         .expect("register keygate_login_throttled_total"),
+        login_verifications: register_int_counter!(
+            "keygate_login_verifications_total",
+            "Password hashes verified (argon2id runs), whatever the outcome."
+        )
+        .expect("register keygate_login_verifications_total"),
+        login_overloaded: register_int_counter!(
+            "keygate_login_overloaded_total",
+            "Logins refused with 503 overloaded: the verification queue was full."
+        )
+        .expect("register keygate_login_overloaded_total"),
+        login_admitted: register_int_gauge!(
+            "keygate_login_admitted",
+            "Logins admitted now: verifying, or waiting for a verification permit."
+        )
+        .expect("register keygate_login_admitted"),
+        connections_refused: register_int_counter_vec!(
+            "keygate_connections_refused_total",
+            "Connections closed at accept, by reason (max_connections, max_connections_per_client).",
+            &["reason"]
+        )
+        .expect("register keygate_connections_refused_total"),
+        connections_open: register_int_gauge!(
+            "keygate_connections_open",
+            "Client connections open on the public listener."
+        )
+        .expect("register keygate_connections_open"),
         limiter_accounts: register_int_gauge!(
             "keygate_limiter_accounts",
             "Accounts whose bucket is not whole, held in memory by the limiter."
@@ -269,7 +300,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("register keygate_limiter_accounts"),
         state_errors: register_int_counter_vec!(
             "keygate_state_errors_total",
-            "Failed writes to the durable state store, by operation.",
+            "Failed writes to the durable state store, by operation; unauthenticated_record: a refresh family in Redis whose HMAC did not match, refused.",
             &["op"]
         )
         .expect("register keygate_state_errors_total"),
@@ -336,11 +367,14 @@ fn zero_known_series(m: &Metrics) {
     for grant in ["password", "refresh_token"] {
         m.tokens_issued.with_label_values(&[grant]);
     }
-    for op in ["write", "evict", "purge"] {
+    for op in ["write", "evict", "purge", "unauthenticated_record"] {
         m.state_errors.with_label_values(&[op]);
     }
     for outcome in ["ok", "error", "timeout", "skipped"] {
         m.redis_calls.with_label_values(&["gcra", outcome]);
+    }
+    for reason in ["max_connections", "max_connections_per_client"] {
+        m.connections_refused.with_label_values(&[reason]);
     }
 }
 

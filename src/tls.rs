@@ -48,6 +48,11 @@ pub struct TlsPolicy {
     pub handshake_timeout: Duration,
     pub client_auth: ClientAuth,
     pub http2: Http2Limits,
+    /// The client CA set (and `client_auth`) the acceptor verifies with, as
+    /// a digest. A connection keeps the one its certificate was verified
+    /// under; when the policy's differs, that certificate is no longer
+    /// honoured (see `gate::PeerCert::trust`).
+    pub client_trust: [u8; 32],
     /// As configured, for `config dump` and the restart check.
     pub summary: String,
 }
@@ -246,7 +251,9 @@ pub struct Settings {
     pub client_ca: Option<(Vec<CertificateDer<'static>>, ClientAuth)>,
 }
 
-pub fn server_config(s: Settings) -> Result<ServerConfig, String> {
+/// The `ServerConfig`, and the digest of its client CA set (see
+/// [`TlsPolicy::client_trust`]).
+pub fn server_config(s: Settings) -> Result<(ServerConfig, [u8; 32]), String> {
     let versions: &[&rustls::SupportedProtocolVersion] = if s.tls13_only {
         &[&rustls::version::TLS13]
     } else {
@@ -295,7 +302,7 @@ pub fn server_config(s: Settings) -> Result<ServerConfig, String> {
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
     }
-    Ok(config)
+    Ok((config, trust))
 }
 
 type Resumption = (Arc<ServerSessionMemoryCache>, Arc<dyn ProducesTickets>);

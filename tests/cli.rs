@@ -328,6 +328,7 @@ fn the_commented_sections_of_the_example_are_valid() {
         .env("BILLING_WEBHOOK_SECRET_NEXT", "b")
         .env("CUST42_WEBHOOK_SECRET", "c")
         .env("KEYGATE_REDIS_PASSWORD", "d")
+        .env("KEYGATE_RECORD_KEY", "e".repeat(32))
         .output()
         .unwrap();
     assert!(

@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 use support::redis::{RedisCluster, RedisSentinel, RedisServer, RedisTls};
 use support::*;
 
+/// `[state] record_key` of the test fleets (inline: `check` warns, fine here).
+pub const RECORD_KEY: &str = "fleet-test-record-key-of-32-bytes-or-more";
+
 /// The usual test policy, its limits kept in Redis.
 fn fleet_config(redis: &RedisServer, state: &str) -> String {
     with_state(&config(), &redis.url(), state)
@@ -18,7 +21,7 @@ fn fleet_config(redis: &RedisServer, state: &str) -> String {
 
 fn with_state(policy: &str, url: &str, state: &str) -> String {
     format!(
-        "{policy}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"kg-test\"\n{state}\n"
+        "{policy}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"kg-test\"\nrecord_key = \"{RECORD_KEY}\"\n{state}\n"
     )
 }
 
@@ -339,11 +342,14 @@ fn a_password_in_the_state_url_never_reaches_the_logs() {
     let upstream = Upstream::start();
     let url = format!("redis://:pw-must-not-leak@127.0.0.1:{}", redis.port);
     let cfg = format!(
-        "{}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\non_error_limits = \"open\"\n",
+        "{}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\non_error_limits = \"open\"\nrecord_key = \"{RECORD_KEY}\"\n",
         config()
     );
     let kg = Keygate::start(&cfg, upstream.port);
-    assert_eq!(get(&kg).0, 200, "on_error_limits = open");
+    // Three failed calls in a row open the breaker, which is logged.
+    for _ in 0..3 {
+        assert_eq!(get(&kg).0, 200, "on_error_limits = open");
+    }
     std::thread::sleep(Duration::from_millis(200));
     let logs = kg.stderr() + &kg.stdout();
     assert!(logs.contains("shared through Redis"), "{logs}");
@@ -387,6 +393,11 @@ fn a_three_master_cluster_passes_exactly_the_tier_limit_and_shares_refresh_token
 
 #[test]
 fn through_sentinel_keygate_follows_a_failover() {
+    let root = || -> Vec<std::ffi::OsString> {
+        let dir = std::fs::read_dir(env!("CARGO_MANIFEST_DIR")).unwrap();
+        dir.map(|e| e.unwrap().file_name()).collect()
+    };
+    let before = root();
     let redis = RedisSentinel::start();
     let upstream = Upstream::start();
     let state = "timeout = \"200ms\"\non_error_limits = \"closed\"";
@@ -424,6 +435,11 @@ fn through_sentinel_keygate_follows_a_failover() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The replica's full sync wrote an RDB file: in its own directory, not
+    // in the checkout.
+    drop(redis);
+    let new: Vec<_> = root().into_iter().filter(|f| !before.contains(f)).collect();
+    assert!(new.is_empty(), "files left in the checkout: {new:?}");
 }
 
 #[test]

@@ -112,9 +112,9 @@ fn print_walkthrough(policy: &Policy, own_secret: bool) -> anyhow::Result<()> {
     };
     let alice = user("alice@example.com")?;
     let bob = user("bob@example.com")?;
-    let (alice_token, _) = sign_access_token(policy, alice, now, 24 * 3600)?;
-    let (bob_token, _) = sign_access_token(policy, bob, now, 24 * 3600)?;
-    let (expired, _) = sign_access_token(policy, alice, now - 2 * 86400, 3600)?;
+    let (alice_token, _) = sign_access_token(policy, alice, now, now, 24 * 3600)?;
+    let (bob_token, _) = sign_access_token(policy, bob, now, now, 24 * 3600)?;
+    let (expired, _) = sign_access_token(policy, alice, now - 2 * 86400, now - 2 * 86400, 3600)?;
     let key = |id: &str| {
         DEMO_KEYS
             .iter()

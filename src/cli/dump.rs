@@ -11,25 +11,71 @@ use anyhow::bail;
 use crate::config::include;
 use crate::policy::{Policy, Rate, StateBackend};
 
-/// Keys whose inline values are never printed.
-const SECRET_KEYS: [&str; 4] = ["secret", "password", "password_hash", "token"];
+/// Keys whose values are never printed, wherever they stand: a table, an
+/// inline table, an array of tables, a multi-line string.
+const SECRET_KEYS: [&str; 6] = [
+    "secret",
+    "password",
+    "password_hash",
+    "token",
+    "record_key",
+    "sentinel_password",
+];
 
-/// One line with an inline secret's value (or a URL's password) hidden.
-pub fn redact_line(line: &str) -> String {
-    let Some((key, _)) = line.split_once('=') else {
-        return line.to_string();
-    };
-    let name = key.trim();
-    if name.starts_with('#') {
-        return line.to_string();
+/// `src` (one configuration file) with every secret value replaced by
+/// `"<redacted>"` and every URL's password by `***`. Found by key path in
+/// the parsed document, not by line, so no layout hides one; a file that
+/// does not parse is not printed at all.
+pub fn redact(src: &str) -> Result<String, String> {
+    let doc = toml::de::DeTable::parse(src).map_err(|e| e.message().to_string())?;
+    let mut edits = Vec::new();
+    walk(doc.get_ref(), &mut edits);
+    edits.sort_by_key(|(span, _)| span.start);
+    let mut out = String::with_capacity(src.len());
+    let mut at = 0;
+    for (span, with) in edits {
+        if span.start < at {
+            continue;
+        }
+        out.push_str(&src[at..span.start]);
+        out.push_str(&with);
+        at = span.end;
     }
-    if SECRET_KEYS.contains(&name) {
-        return format!("{key}= \"<redacted>\"");
+    out.push_str(&src[at..]);
+    Ok(out)
+}
+
+fn walk(table: &toml::de::DeTable<'_>, edits: &mut Vec<(std::ops::Range<usize>, String)>) {
+    use toml::de::DeValue;
+    for (key, value) in table {
+        let name = key.get_ref().as_ref();
+        if SECRET_KEYS.contains(&name) {
+            edits.push((value.span(), "\"<redacted>\"".into()));
+            continue;
+        }
+        match value.get_ref() {
+            DeValue::Table(t) => walk(t, edits),
+            DeValue::Array(items) => {
+                for item in items {
+                    if let DeValue::Table(t) = item.get_ref() {
+                        walk(t, edits);
+                    }
+                }
+            }
+            DeValue::String(url) if name.ends_with("url") => {
+                let shown = crate::policy::redact_url(url);
+                if shown != *url {
+                    edits.push((value.span(), toml_string(&shown)));
+                }
+            }
+            _ => {}
+        }
     }
-    if name == "url" {
-        return crate::policy::redact_url(line);
-    }
-    line.to_string()
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"<redacted>\"".into())
 }
 
 pub fn run(path: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
@@ -50,8 +96,11 @@ pub fn run(path: &Path, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
             file.display()
         );
         let src = std::fs::read_to_string(&file)?;
-        for line in src.lines() {
-            text.push_str(&redact_line(line));
+        match redact(&src) {
+            Ok(shown) => text.push_str(&shown),
+            Err(e) => bail!("{}: {e}", file.display()),
+        }
+        if !text.ends_with('\n') {
             text.push('\n');
         }
         text.push('\n');
@@ -169,23 +218,47 @@ fn effective(p: &Policy) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_line;
+    use super::redact;
 
     #[test]
-    fn inline_secrets_and_url_passwords_are_hidden() {
-        assert_eq!(
-            redact_line("secret = \"hunter2\""),
-            "secret = \"<redacted>\""
-        );
-        assert_eq!(
-            redact_line("  password = 'x'"),
-            "  password = \"<redacted>\""
-        );
-        assert_eq!(
-            redact_line("url = \"redis://:pw@h:6379\""),
-            "url = \"redis://:***@h:6379\""
-        );
-        assert_eq!(redact_line("secret_env = \"X\""), "secret_env = \"X\"");
-        assert_eq!(redact_line("# secret = \"x\""), "# secret = \"x\"");
+    fn secrets_are_hidden_wherever_the_document_holds_them() {
+        let src = r#"
+secret = "hunter2"
+[state]
+url = "redis+unix:///run/r.sock?pass=unixpw&db=1"
+password = '''
+multi
+line-pw'''
+record_key = "rk-0123456789"
+[[webhooks]]
+path = "/h"
+secret = { inline = "inline-table-pw" }
+[[webhooks.more]]
+secret = "nested-pw"
+[tiny]
+creds = { password = "inline-pw", url = "redis://u:userinfo-pw@h" }
+list = [{ token = "in-array-pw" }]
+# secret = "commented"
+secret_env = "NAME_OF_A_VARIABLE"
+"#;
+        let shown = redact(src).unwrap();
+        for leaked in [
+            "hunter2",
+            "unixpw",
+            "line-pw",
+            "rk-0123456789",
+            "inline-table-pw",
+            "nested-pw",
+            "inline-pw",
+            "userinfo-pw",
+            "in-array-pw",
+        ] {
+            assert!(!shown.contains(leaked), "{leaked} shown:\n{shown}");
+        }
+        assert!(shown.contains("pass=***&db=1"), "{shown}");
+        assert!(shown.contains("redis://u:***@h"), "{shown}");
+        assert!(shown.contains("secret_env = \"NAME_OF_A_VARIABLE\""));
+        // What is shown still parses, with the same keys.
+        assert!(toml::de::DeTable::parse(&shown).is_ok(), "{shown}");
     }
 }

@@ -43,7 +43,10 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         .with_context(|| format!("{:?} is not an HTTP method", req.method))?;
     let raw_path = req.path.split('?').next().unwrap_or("/");
     let headers = headers(policy, req)?;
-    let mut client_cert = req.client_cert.map(read_client_cert).transpose()?;
+    let mut client_cert = req
+        .client_cert
+        .map(|f| read_client_cert(policy, f))
+        .transpose()?;
     let mut out = String::new();
     let line = |out: &mut String, step: &str, text: &str| {
         let _ = writeln!(out, "{step:<13} {text}");
@@ -175,14 +178,20 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
 }
 
 /// The leaf of a PEM certificate file, as the handshake hands it to the gate.
-fn read_client_cert(file: &Path) -> anyhow::Result<PeerCert> {
+fn read_client_cert(policy: &Policy, file: &Path) -> anyhow::Result<PeerCert> {
     let pem = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let chain =
         crate::tls::certificates(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let leaf = chain
         .first()
         .with_context(|| format!("{}: no certificate in it", file.display()))?;
-    crate::proxy::tls::peer_cert(leaf)
+    // As verified by the CAs the policy trusts now.
+    let trust = policy
+        .server
+        .tls
+        .as_ref()
+        .map_or([0; 32], |t| t.client_trust);
+    crate::proxy::tls::peer_cert(leaf, trust)
         .with_context(|| format!("{}: not an X.509 certificate", file.display()))
 }
 

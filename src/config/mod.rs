@@ -68,6 +68,17 @@ pub struct State {
     pub fleet_size: Option<Spanned<i64>>,
     pub token_timeout: Option<Str>,
     pub tls_ca_file: Option<Str>,
+    /// The HMAC key that authenticates refresh-family records in Redis.
+    pub record_key_env: Option<Str>,
+    pub record_key_file: Option<Str>,
+    pub record_key: Option<Str>,
+    /// The Sentinels' own credentials (`redis+sentinel://` urls).
+    pub sentinel_username: Option<Str>,
+    pub sentinel_password_env: Option<Str>,
+    pub sentinel_password_file: Option<Str>,
+    pub sentinel_password: Option<Str>,
+    /// TLS to the Sentinels (default: as to the master, by the url's scheme).
+    pub sentinel_tls: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +158,12 @@ pub struct Server {
     pub admin_token_file: Option<Str>,
     /// TLS on `listen`; absent = plain TCP.
     pub tls: Option<Spanned<Tls>>,
+    /// Per-address limits key an IPv6 client by this prefix (bits).
+    pub ipv6_prefix: Option<Spanned<i64>>,
+    /// Client connections open at once, all proxy threads together.
+    pub max_connections: Option<Spanned<i64>>,
+    /// Client connections open at once from one address (0 = no cap).
+    pub max_connections_per_client: Option<Spanned<i64>>,
 }
 
 /// `[server.tls]`.

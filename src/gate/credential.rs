@@ -99,6 +99,21 @@ pub struct PeerCert {
     /// Its notAfter, Unix seconds: checked on every request, since a
     /// connection (or a resumed session) may outlive the certificate.
     pub not_after: i64,
+    /// The client CA set it was verified under (`TlsPolicy::client_trust`).
+    /// Once the policy trusts another set, the certificate no longer
+    /// counts, even on the connection that presented it.
+    pub trust: [u8; 32],
+}
+
+impl PeerCert {
+    /// Verified under CAs the policy no longer trusts exactly so.
+    pub fn is_stale(&self, policy: &Policy) -> bool {
+        policy
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_trust != self.trust)
+    }
 }
 
 /// A distinguished name as `K=V` pairs, sorted, keys upper case, joined by
@@ -121,6 +136,11 @@ pub fn normalize_subject(dn: &str) -> Option<String> {
 /// The binding of a client certificate: by fingerprint, subject, then
 /// subjectAltName, if it may be used now.
 pub fn find_client_cert(policy: &Policy, cert: &PeerCert, now: u64) -> Result<KeyIdx, Denial> {
+    if cert.is_stale(policy) {
+        return Err(Denial::InvalidClientCert(
+            "the certificate authorities that verified it are no longer trusted",
+        ));
+    }
     let idx = policy
         .client_cert(cert)
         .ok_or(Denial::InvalidClientCert("no principal is bound to it"))?;

@@ -31,6 +31,8 @@ struct Claims<'a> {
     exp: Option<f64>,
     nbf: Option<f64>,
     iat: Option<f64>,
+    /// When the user logged in (keygate's own tokens carry it).
+    auth_time: Option<f64>,
     #[serde(borrow, default)]
     iss: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -117,10 +119,11 @@ fn verify_signature_and_subject(policy: &Policy, token: &str) -> Result<Verified
         return Err(Denial::InvalidToken("the account is disabled"));
     }
     if let Some(after) = user.tokens_valid_after {
-        let iat = claims.iat.ok_or(Denial::InvalidToken(
+        // The login's time when the token says it, else its own issue time.
+        let since = claims.auth_time.or(claims.iat).ok_or(Denial::InvalidToken(
             "no iat claim, and the account revoked older tokens",
         ))?;
-        if iat < after as f64 {
+        if since < after as f64 || claims.iat.is_some_and(|iat| iat < after as f64) {
             return Err(Denial::InvalidToken("the token has been revoked"));
         }
     }

@@ -342,13 +342,16 @@ fn needs_quota(policy: &Policy, tier: TierIdx, account: AccountId, decision: &mu
     }
 }
 
-/// A client address's account under a public route's tier.
+/// A client address's account under a public route's tier: an IPv6
+/// client's is its prefix (`server.ipv6_prefix`), or one host with a /64
+/// would hold 2^64 fresh buckets.
 fn ip_account(policy: &Policy, tier: TierIdx, ip: IpAddr) -> AccountId {
     let mut id = String::with_capacity(64);
     id.push_str(&policy.tier(tier).name);
     id.push('/');
     use std::fmt::Write;
-    let _ = write!(id, "{ip}");
+    let bucket = crate::policy::address_bucket(ip, policy.server.ipv6_prefix);
+    let _ = write!(id, "{bucket}");
     crate::policy::account_id("ip", &id)
 }
 

@@ -15,15 +15,21 @@ struct AccessClaims<'a> {
     iat: u64,
     nbf: u64,
     exp: u64,
+    /// OIDC's `auth_time`: when the user logged in. Tokens minted by a
+    /// refresh carry their family's login, so a `tokens_valid_after`
+    /// between the login and the refresh still cuts them off.
+    auth_time: u64,
     jti: String,
 }
 
-/// A signed access token for `user`, issued at `now` (Unix seconds) and
-/// valid for `ttl_secs`. Returns the token and its `exp`.
+/// A signed access token for `user`, issued at `now` (Unix seconds) for a
+/// login made at `auth_time`, valid for `ttl_secs`. Returns the token and
+/// its `exp`.
 pub fn sign_access_token(
     policy: &Policy,
     user: UserIdx,
     now: u64,
+    auth_time: u64,
     ttl_secs: u64,
 ) -> Result<(String, u64), jsonwebtoken::errors::Error> {
     let key = policy.jwt_keys.signer();
@@ -39,6 +45,7 @@ pub fn sign_access_token(
         iat: now,
         nbf: now,
         exp,
+        auth_time,
         jti: format!("{:032x}", rand::random::<u128>()),
     };
     let mut header = jsonwebtoken::Header::new(key.algorithm);
@@ -79,7 +86,7 @@ mod tests {
                 .policy;
             let (alice, _) = policy.user_by_id("u_alice").unwrap();
             let now = crate::policy::unix_now();
-            let (token, exp) = super::sign_access_token(&policy, alice, now, 60).unwrap();
+            let (token, exp) = super::sign_access_token(&policy, alice, now, now, 60).unwrap();
             assert_eq!(exp, now + 60);
             let header = jsonwebtoken::decode_header(&token).unwrap();
             assert_eq!(header.kid.as_deref(), Some(kid));

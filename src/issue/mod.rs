@@ -1,9 +1,12 @@
 //! Issuing credentials: `POST token_path` (login), `POST refresh_path`
 //! (rotation with reuse detection), `POST revoke_path`, and the JWKS the
-//! proxy serves. Every function here blocks (argon2, a durable commit): the
-//! proxy calls them on the blocking pool, never on a proxy thread.
+//! proxy serves. [`Issuer::login`] is async and puts its blocking parts
+//! (argon2, Redis, a durable commit) on the blocking pool itself, inside
+//! the bounds of [`bounds`]; `refresh` and `revoke` block, and the proxy
+//! calls them on the blocking pool, never on a proxy thread.
 
 mod access;
+pub mod bounds;
 mod password;
 
 use std::net::IpAddr;
@@ -17,6 +20,7 @@ use sha2::{Digest, Sha256};
 pub use access::sign_access_token;
 pub use password::{dummy_hash_like, verify_password};
 
+use crate::limit::{AccountId, Quota};
 use crate::metrics::METRICS;
 use crate::policy::{account_id, Policy, UserIdx};
 use crate::state::families::Throttles;
@@ -43,6 +47,8 @@ pub enum IssueError {
     /// The shared store (Redis) cannot be reached: never a spent token
     /// accepted, never a 500.
     StateUnavailable,
+    /// The login verification queue is full.
+    Overloaded,
     Internal,
 }
 
@@ -54,7 +60,7 @@ impl IssueError {
             IssueError::InvalidCredentials | IssueError::InvalidRefreshToken(_) => 401,
             IssueError::IpNotAllowed => 403,
             IssueError::LoginThrottled { .. } => 429,
-            IssueError::StateUnavailable => 503,
+            IssueError::StateUnavailable | IssueError::Overloaded => 503,
             IssueError::Internal => 500,
         }
     }
@@ -68,6 +74,7 @@ impl IssueError {
             IssueError::LoginThrottled { .. } => "login_throttled",
             IssueError::InvalidRefreshToken(_) => "invalid_refresh_token",
             IssueError::StateUnavailable => "state_unavailable",
+            IssueError::Overloaded => "overloaded",
             IssueError::Internal => "internal_error",
         }
     }
@@ -86,6 +93,9 @@ impl IssueError {
             IssueError::InvalidRefreshToken(why) => format!("the refresh token is invalid: {why}"),
             IssueError::StateUnavailable => {
                 "the token store cannot be reached right now; try again".to_string()
+            }
+            IssueError::Overloaded => {
+                "too many logins are being checked right now; see Retry-After".to_string()
             }
             IssueError::Internal => "keygate could not complete the request".to_string(),
         }
@@ -106,7 +116,7 @@ impl IssueError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             IssueError::LoginThrottled { retry_after_secs } => Some(*retry_after_secs),
-            IssueError::StateUnavailable => Some(1),
+            IssueError::StateUnavailable | IssueError::Overloaded => Some(1),
             _ => None,
         }
     }
@@ -140,6 +150,10 @@ pub struct Issuer {
     pub store: Arc<dyn StateStore>,
     /// Login throttles: this process's limiter, or the fleet's.
     pub throttles: Arc<dyn Throttles>,
+    /// Emails and client addresses with a login in flight.
+    in_flight: Arc<bounds::InFlight>,
+    /// argon2 verifications at a time, and the queue in front of them.
+    work: Arc<bounds::Work>,
 }
 
 /// Log a store failure and name it for the client.
@@ -156,18 +170,59 @@ fn store_failed(what: &str, e: StateError) -> IssueError {
     }
 }
 
+/// Run blocking `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IssueError> + Send + 'static,
+) -> Result<T, IssueError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(IssueError::Internal))
+}
+
 impl Issuer {
-    /// `POST token_path`. Unknown email, wrong password, disabled user and a
-    /// user without a password all cost one argon2 verification and answer
-    /// the same `401 invalid_credentials`.
-    pub fn login(
-        &self,
-        policy: &Policy,
+    /// An issuer whose verifications are bounded by this machine's cores.
+    pub fn new(store: Arc<dyn StateStore>, throttles: Arc<dyn Throttles>) -> Issuer {
+        Issuer::with_work(store, throttles, bounds::Work::for_this_machine())
+    }
+
+    pub fn with_work(
+        store: Arc<dyn StateStore>,
+        throttles: Arc<dyn Throttles>,
+        work: bounds::Work,
+    ) -> Issuer {
+        Issuer {
+            store,
+            throttles,
+            in_flight: Arc::default(),
+            work: Arc::new(work),
+        }
+    }
+
+    /// How many verifications run at once: logins hold at most this many
+    /// times argon2's `m_cost` of memory.
+    pub fn verification_permits(&self) -> usize {
+        self.work.permits_total
+    }
+
+    /// `POST token_path`. Unknown email, wrong password, disabled user, a
+    /// user without a password and the right password from outside the
+    /// user's allowlist all cost one argon2 verification, spend a throttle
+    /// unit and answer the same `401 invalid_credentials`.
+    ///
+    /// Bounded whatever is sent: one attempt in flight per email and per
+    /// client address (else 429 `login_throttled`); the throttles spent
+    /// *before* the verification (refunded on success), so n parallel
+    /// guesses cost n units and at most the quota is ever evaluated; and
+    /// at most [`Issuer::verification_permits`] verifications at once,
+    /// behind a short queue (else 503 `overloaded`).
+    pub async fn login(
+        self: Arc<Self>,
+        policy: Arc<Policy>,
         client_ip: IpAddr,
-        body: &[u8],
+        body: Vec<u8>,
         now_us: u64,
     ) -> Result<TokenResponse, IssueError> {
-        let body: LoginBody = serde_json::from_slice(body).map_err(|_| {
+        let body: LoginBody = serde_json::from_slice(&body).map_err(|_| {
             IssueError::InvalidRequest(
                 "expected a JSON object with \"email\" and \"password\" strings",
             )
@@ -176,58 +231,100 @@ impl Issuer {
             return Err(IssueError::IpNotAllowed);
         }
         let email = body.email.trim().to_ascii_lowercase();
-        let by_ip = account_id("login-ip", &client_ip.to_string());
+        let bucket = crate::policy::address_bucket(client_ip, policy.server.ipv6_prefix);
+        let by_ip = account_id("login-ip", &bucket.to_string());
         let by_email = account_id("login-email", &email);
-        let auth = &policy.auth;
-        let peek = |account, quota| {
-            self.throttles
-                .peek(account, quota, now_us)
-                .map_err(|e| store_failed("could not read a login throttle", e))
-        };
-        let throttled = [
-            peek(by_ip, &auth.login_per_ip)?,
-            peek(by_email, &auth.login_per_email)?,
-        ];
-        if let Some(wait) = throttled
-            .iter()
-            .filter(|o| !o.allowed)
-            .map(|o| o.retry_after_secs)
-            .max()
-        {
+        let Some(busy) = self.in_flight.claim([by_ip, by_email]) else {
             METRICS.login_throttled.inc();
             return Err(IssueError::LoginThrottled {
-                retry_after_secs: wait.max(1),
+                retry_after_secs: 1,
             });
-        }
-
-        let user = policy.user_by_email(&email);
-        let hash = user
-            .and_then(|(_, u)| u.password_hash.as_deref())
-            .unwrap_or(&policy.dummy_password_hash);
-        let password_ok = verify_password(hash, &body.password);
-        let user = user.filter(|(_, u)| password_ok && !u.disabled && u.password_hash.is_some());
-        let Some((idx, user)) = user else {
-            METRICS.login_failures.inc();
-            for (account, quota) in [
-                (by_ip, &auth.login_per_ip),
-                (by_email, &auth.login_per_email),
-            ] {
-                self.throttles
-                    .hit(account, quota, now_us)
-                    .map_err(|e| store_failed("could not count a failed login", e))?;
-            }
-            return Err(IssueError::InvalidCredentials);
         };
-        if !user.ip_allow.permits(client_ip) {
-            return Err(IssueError::IpNotAllowed);
+        let Some(admitted) = self.work.admit() else {
+            METRICS.login_overloaded.inc();
+            return Err(IssueError::Overloaded);
+        };
+        let throttles = [
+            (by_ip, policy.auth.login_per_ip),
+            (by_email, policy.auth.login_per_email),
+        ];
+        let spender = self.clone();
+        blocking(move || spender.spend(&throttles, now_us)).await?;
+        let issuer = self.clone();
+        let verified = self.work.run(move |wanted| {
+            let (_busy, _admitted) = (busy, admitted);
+            if !wanted {
+                // The client went away while this queued: no verification,
+                // and the attempt costs nothing.
+                issuer.refund(&throttles, now_us);
+                return Err(IssueError::Internal);
+            }
+            let user = policy.user_by_email(&email);
+            let hash = user
+                .and_then(|(_, u)| u.password_hash.as_deref())
+                .unwrap_or(&policy.dummy_password_hash);
+            METRICS.login_verifications.inc();
+            let password_ok = verify_password(hash, &body.password);
+            let user = user.filter(|(_, u)| {
+                password_ok
+                    && !u.disabled
+                    && u.password_hash.is_some()
+                    // The right password from outside the allowlist must
+                    // not answer differently from a wrong one.
+                    && u.ip_allow.permits(client_ip)
+            });
+            let Some((idx, _)) = user else {
+                METRICS.login_failures.inc();
+                return Err(IssueError::InvalidCredentials);
+            };
+            Ok((policy, idx))
+        });
+        let (policy, idx) = verified.await.ok_or(IssueError::Internal)??;
+        // Durable before it is handed out: on the blocking pool, so the
+        // verifiers go on verifying meanwhile.
+        blocking(move || {
+            let now = now_us / 1_000_000;
+            let (refresh, hash, record) = new_refresh(&policy, idx, rand::random(), now, now);
+            self.store
+                .insert_refresh(&hash, &record)
+                .map_err(|e| store_failed("could not store a refresh token", e))?;
+            METRICS.tokens_issued.with_label_values(&["password"]).inc();
+            // A login that passes costs its user nothing.
+            self.refund(&throttles, now_us);
+            respond(&policy, idx, now, now, refresh)
+        })
+        .await
+    }
+
+    /// Spend one unit of each throttle, or none: a refused attempt is
+    /// 429 and leaves the others as they were.
+    fn spend(&self, throttles: &[(AccountId, Quota); 2], now_us: u64) -> Result<(), IssueError> {
+        let mut spent = Vec::with_capacity(2);
+        for (account, quota) in throttles {
+            let outcome = self
+                .throttles
+                .hit(*account, quota, now_us)
+                .map_err(|e| store_failed("could not count a login attempt", e))?;
+            if !outcome.allowed {
+                self.refund(&spent, now_us);
+                METRICS.login_throttled.inc();
+                return Err(IssueError::LoginThrottled {
+                    retry_after_secs: outcome.retry_after_secs.max(1),
+                });
+            }
+            spent.push((*account, *quota));
         }
-        let now = now_us / 1_000_000;
-        let (refresh, hash, record) = new_refresh(policy, idx, rand::random(), now);
-        self.store
-            .insert_refresh(&hash, &record)
-            .map_err(|e| store_failed("could not store a refresh token", e))?;
-        METRICS.tokens_issued.with_label_values(&["password"]).inc();
-        respond(policy, idx, now, refresh)
+        Ok(())
+    }
+
+    /// Give back one unit of each throttle (best effort: a failed refund
+    /// leaves the attempt counted, never the other way round).
+    fn refund(&self, throttles: &[(AccountId, Quota)], now_us: u64) {
+        for (account, quota) in throttles {
+            if let Err(e) = self.throttles.refund(*account, quota, now_us) {
+                tracing::warn!(error = %e, "could not refund a login throttle unit");
+            }
+        }
     }
 
     /// `POST refresh_path`: spend the token, issue its successor in the same
@@ -261,7 +358,9 @@ impl Issuer {
                     ));
                     return None;
                 };
-                if user.disabled || user.tokens_valid_after.is_some_and(|t| old.issued_at < t) {
+                // The family's start, not this token's: a rotation after
+                // the cutoff does not launder a login from before it.
+                if user.disabled || user.tokens_valid_after.is_some_and(|t| old.auth_time < t) {
                     refusal = Some(IssueError::InvalidRefreshToken(
                         "the account's tokens were revoked",
                     ));
@@ -271,19 +370,20 @@ impl Issuer {
                     refusal = Some(IssueError::IpNotAllowed);
                     return None;
                 }
-                let (refresh, hash, record) = new_refresh(policy, idx, old.family, now);
-                issued = Some((idx, refresh));
+                let (refresh, hash, record) =
+                    new_refresh(policy, idx, old.family, now, old.auth_time);
+                issued = Some((idx, refresh, old.auth_time));
                 Some((hash, record))
             })
             .map_err(|e| store_failed("could not rotate a refresh token", e))?;
         match rotation {
             Rotation::Rotated(_) => {
-                let (idx, refresh) = issued.ok_or(IssueError::Internal)?;
+                let (idx, refresh, auth_time) = issued.ok_or(IssueError::Internal)?;
                 METRICS
                     .tokens_issued
                     .with_label_values(&["refresh_token"])
                     .inc();
-                respond(policy, idx, now, refresh)
+                respond(policy, idx, now, auth_time, refresh)
             }
             Rotation::ReuseDetected { user } => {
                 METRICS.refresh_reuse.inc();
@@ -327,6 +427,7 @@ fn new_refresh(
     user: UserIdx,
     family: u128,
     now: u64,
+    auth_time: u64,
 ) -> (String, TokenHash, RefreshRecord) {
     const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::rng();
@@ -340,6 +441,7 @@ fn new_refresh(
         issued_at: now,
         expires_at: now + policy.auth.refresh_ttl.as_secs(),
         spent: false,
+        auth_time,
     };
     (token, hash, record)
 }
@@ -358,10 +460,11 @@ fn respond(
     policy: &Policy,
     user: UserIdx,
     now: u64,
+    auth_time: u64,
     refresh_token: String,
 ) -> Result<TokenResponse, IssueError> {
     let ttl = policy.auth.token_ttl.as_secs();
-    let (token, exp) = sign_access_token(policy, user, now, ttl).map_err(|e| {
+    let (token, exp) = sign_access_token(policy, user, now, auth_time, ttl).map_err(|e| {
         tracing::error!(error = %e, "could not sign an access token");
         IssueError::Internal
     })?;

@@ -128,6 +128,32 @@ impl Limiter {
         step(current, quota, now_us).0
     }
 
+    /// Give back one unit `check` spent: the TAT moves back one interval,
+    /// never before `now_us`, and only under the same rate.
+    pub fn refund(&self, account: AccountId, quota: &Quota, now_us: u64) {
+        let Some(slot) = self.accounts.get(&account) else {
+            return;
+        };
+        let mut current = slot.state.load(Ordering::Acquire);
+        loop {
+            let (rate, tat) = unpack(current);
+            if current == 0 || rate != quota.rate {
+                return;
+            }
+            let back = tat.saturating_sub(quota.interval_us).max(now_us);
+            let next = pack(rate, back);
+            match slot.state.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     /// Accounts held in memory.
     pub fn len(&self) -> usize {
         self.accounts.len()

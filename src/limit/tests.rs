@@ -189,3 +189,25 @@ fn a_divided_quota_keeps_the_period_and_never_reaches_zero() {
     let tiny = Quota::new(n(3), Duration::from_secs(60), n(1)).divided(n(8));
     assert_eq!((tiny.limit.get(), tiny.burst.get()), (1, 1));
 }
+
+#[test]
+fn a_refund_gives_back_one_unit_and_never_more() {
+    let q = quota(3, Duration::from_secs(60), 3);
+    let l = Limiter::new();
+    for _ in 0..3 {
+        assert!(l.check(1, &q, T0).allowed);
+    }
+    assert!(!l.check(1, &q, T0).allowed);
+    l.refund(1, &q, T0);
+    assert!(l.check(1, &q, T0).allowed, "the refunded unit");
+    assert!(!l.check(1, &q, T0).allowed);
+    // Refunds on a whole bucket, or an unknown account, give nothing extra.
+    let fresh = Limiter::new();
+    fresh.refund(2, &q, T0);
+    fresh.check(3, &q, T0);
+    for _ in 0..5 {
+        fresh.refund(3, &q, T0);
+    }
+    let passed = (0..10).filter(|_| fresh.check(3, &q, T0).allowed).count();
+    assert_eq!(passed, 3);
+}

@@ -17,10 +17,14 @@ use crate::state::topology::Topology;
 
 use super::{
     Access, AccessLog, Allowlist, ApiKey, Auth, IpSet, JwtKey, JwtKeys, Log, Mac, OnError,
-    Permissions, Policy, Rate, RedisSettings, Route, Server, StateBackend, Tier, TierIdx,
-    Underscores, Upstream, User, UserIdx,
+    Permissions, Policy, Rate, RedisSettings, Route, SentinelAccess, Server, StateBackend, Tier,
+    TierIdx, Underscores, Upstream, User, UserIdx,
 };
 use crate::config::{self, ConfigError, Diagnostics, EnvAndFiles, SecretSource, Severity, Str};
+
+/// `server.max_connections` unless set: what the systemd unit's file
+/// limit leaves room for, with the upstream connections beside them.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16_384;
 
 /// A policy and the warnings its file produced (inline secrets, say).
 #[derive(Debug)]
@@ -292,9 +296,27 @@ impl Cx<'_> {
         if matches!(tls, Some(None)) {
             return None;
         }
+        let ipv6_prefix = self.within(s.ipv6_prefix.as_ref(), 1, 128, 64, "ipv6_prefix") as u8;
+        let max_connections = self.within(
+            s.max_connections.as_ref(),
+            1,
+            10_000_000,
+            DEFAULT_MAX_CONNECTIONS,
+            "max_connections",
+        ) as usize;
+        let max_connections_per_client = self.within(
+            s.max_connections_per_client.as_ref(),
+            0,
+            10_000_000,
+            0,
+            "max_connections_per_client",
+        ) as usize;
         Some(Server {
             tls: tls.flatten(),
             admin_token,
+            ipv6_prefix,
+            max_connections,
+            max_connections_per_client,
             listen: listen?,
             admin_listen: admin_listen?,
             threads,
@@ -348,10 +370,18 @@ impl Cx<'_> {
                     &s.on_error_limits,
                     &s.tls_ca_file,
                     &s.token_timeout,
+                    &s.record_key_env,
+                    &s.record_key_file,
+                    &s.record_key,
+                    &s.sentinel_username,
+                    &s.sentinel_password_env,
+                    &s.sentinel_password_file,
+                    &s.sentinel_password,
                 ])
                 .flatten()
                 .map(|f| f.span())
                 .chain(s.fleet_size.as_ref().map(|f| f.span()))
+                .chain(s.sentinel_tls.as_ref().map(|f| f.span()))
                 .next();
             if let Some(span) = redis_only {
                 self.d
@@ -367,13 +397,23 @@ impl Cx<'_> {
             return None;
         };
         let text = url.get_ref();
+        // redis-rs reads a `#insecure` fragment as "accept any certificate".
+        if text.contains('#') {
+            self.d.error(
+                url.span(),
+                "a Redis url takes no #fragment (#insecure would turn certificate checks off; \
+                 give tls_ca_file for a private CA instead)",
+            );
+            return None;
+        }
         // Parsed once here without the password for the warning, and again
         // below with it.
         match Topology::parse(text, None) {
             Ok(t) if t.holds_password() => {
                 self.d.warn(
                     url.span(),
-                    "the url holds a password: prefer password_env or password_file",
+                    "the url holds a password (shown as *** in logs and config dump): \
+                     prefer password_env or password_file",
                 );
             }
             Ok(_) => {}
@@ -445,13 +485,15 @@ impl Cx<'_> {
                 return None;
             }
         };
+        let tls_to_sentinels = s.sentinel_tls.as_ref().is_some_and(|t| *t.get_ref());
         let tls_ca = match &s.tls_ca_file {
             None => None,
-            Some(_) if !topology.uses_tls() => {
+            Some(_) if !topology.uses_tls() && !tls_to_sentinels => {
                 let span = s.tls_ca_file.as_ref().map_or(0..0, |f| f.span());
                 self.d.error(
                     span,
-                    "tls_ca_file is for a TLS url (rediss://, rediss+cluster://, rediss+sentinel://)",
+                    "tls_ca_file is for a TLS url (rediss://, rediss+cluster://, rediss+sentinel://) \
+                     or sentinel_tls = true",
                 );
                 None
             }
@@ -465,6 +507,85 @@ impl Cx<'_> {
                 None => None,
             },
         };
+        let record_key = self.secret(
+            s.backend.as_ref().map_or(0..0, |b| b.span()),
+            &s.record_key_env,
+            &s.record_key_file,
+            &s.record_key,
+            "[state] record_key (the HMAC key of refresh families in Redis, \
+             at least 32 bytes: `openssl rand -hex 32`; record_key_env, record_key_file or record_key)",
+        )?;
+        if record_key.len() < 32 {
+            let span = [&s.record_key_env, &s.record_key_file, &s.record_key]
+                .into_iter()
+                .flatten()
+                .map(|f| f.span())
+                .next()
+                .unwrap_or(0..0);
+            self.d.error(
+                span,
+                format!(
+                    "record_key is {} bytes; it must be at least 32 (`openssl rand -hex 32`)",
+                    record_key.len()
+                ),
+            );
+            return None;
+        }
+        let is_sentinel = matches!(topology, Topology::Sentinel { .. });
+        let sentinel_fields = [
+            &s.sentinel_username,
+            &s.sentinel_password_env,
+            &s.sentinel_password_file,
+            &s.sentinel_password,
+        ];
+        if !is_sentinel {
+            let span = sentinel_fields
+                .iter()
+                .copied()
+                .flatten()
+                .map(|f| f.span())
+                .chain(s.sentinel_tls.as_ref().map(|f| f.span()))
+                .next();
+            if let Some(span) = span {
+                self.d
+                    .error(span, "this setting is for a redis+sentinel:// url");
+            }
+        }
+        let sentinel_password = if is_sentinel
+            && [
+                &s.sentinel_password_env,
+                &s.sentinel_password_file,
+                &s.sentinel_password,
+            ]
+            .iter()
+            .any(|p| p.is_some())
+        {
+            let bytes = self.secret(
+                url.span(),
+                &s.sentinel_password_env,
+                &s.sentinel_password_file,
+                &s.sentinel_password,
+                "the Sentinels' password",
+            )?;
+            match String::from_utf8(bytes) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.d
+                        .error(url.span(), "the Sentinels' password is not UTF-8");
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let sentinel = SentinelAccess {
+            username: s.sentinel_username.as_ref().map(|u| u.get_ref().clone()),
+            password: sentinel_password,
+            tls: s
+                .sentinel_tls
+                .as_ref()
+                .map_or(is_sentinel && topology.uses_tls(), |t| *t.get_ref()),
+        };
         Some(StateBackend::Redis(Box::new(RedisSettings {
             display_url: super::redact_url(text),
             url: text.clone(),
@@ -472,6 +593,8 @@ impl Cx<'_> {
             topology,
             tls_ca,
             key_prefix,
+            record_key: record_key.into(),
+            sentinel,
             timeout: self.duration_or(s.timeout.as_ref(), Duration::from_millis(25)),
             connect_timeout: self.duration_or(s.connect_timeout.as_ref(), Duration::from_secs(1)),
             token_timeout: self.duration_or(s.token_timeout.as_ref(), Duration::from_secs(1)),
@@ -1415,6 +1538,26 @@ impl Cx<'_> {
                 hash.span(),
                 format!("password_hash is not a PHC string ({e}); `keygate hash-password` makes one"),
             ),
+        }
+    }
+
+    /// An optional whole number within `lo..=hi`, `default` when absent.
+    fn within(
+        &mut self,
+        n: Option<&config::Spanned<i64>>,
+        lo: u32,
+        hi: u32,
+        default: u32,
+        what: &str,
+    ) -> u32 {
+        let Some(n) = n else { return default };
+        match u32::try_from(*n.get_ref()) {
+            Ok(v) if (lo..=hi).contains(&v) => v,
+            _ => {
+                self.d
+                    .error(n.span(), format!("{what} must be between {lo} and {hi}"));
+                default
+            }
         }
     }
 

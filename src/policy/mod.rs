@@ -11,7 +11,7 @@ mod store;
 pub mod testing;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -244,6 +244,30 @@ pub struct Server {
     pub admin_token: Option<Vec<u8>>,
     /// `[server.tls]`: TLS on `listen`.
     pub tls: Option<std::sync::Arc<crate::tls::TlsPolicy>>,
+    /// Per-address limits (login throttles, public-route tiers, the
+    /// connection cap) key an IPv6 client by this many leading bits: one
+    /// host usually holds a whole /64.
+    pub ipv6_prefix: u8,
+    /// Client connections open at once, all proxy threads together.
+    pub max_connections: usize,
+    /// Client connections open at once from one address (by
+    /// [`address_bucket`]); 0 = no cap.
+    pub max_connections_per_client: usize,
+}
+
+/// The address a per-address limit keys `ip` by: IPv4 as it is, IPv6 cut
+/// to its first `v6_prefix` bits (an IPv4-mapped IPv6 address counts as
+/// the IPv4 address).
+pub fn address_bucket(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) if v6_prefix < 128 => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(v6_prefix))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        other => other,
+    }
 }
 
 /// `[state] backend`.
@@ -277,6 +301,11 @@ pub struct RedisSettings {
     /// the reuse of a spent token and revoke the family.
     pub token_timeout: Duration,
     pub on_error_limits: OnError,
+    /// `record_key`: HMAC-SHA256 key of refresh-family records (see
+    /// `state::families`).
+    pub record_key: Box<[u8]>,
+    /// How to reach the Sentinels themselves (`redis+sentinel://` urls).
+    pub sentinel: SentinelAccess,
     /// With `on_error_limits = "local"`, each sidecar's fallback limiter
     /// grants quota / fleet_size (at least 1), so the fleet as a whole stays
     /// near the tier's limit while Redis is away.
@@ -289,6 +318,8 @@ impl PartialEq for RedisSettings {
         (&self.url, &self.password, &self.tls_ca, &self.key_prefix)
             == (&o.url, &o.password, &o.tls_ca, &o.key_prefix)
             && self.token_timeout == o.token_timeout
+            && self.record_key == o.record_key
+            && self.sentinel == o.sentinel
             && (
                 self.timeout,
                 self.connect_timeout,
@@ -304,6 +335,15 @@ impl PartialEq for RedisSettings {
 }
 
 impl Eq for RedisSettings {}
+
+/// The Sentinels' own credentials and TLS (they are servers of their own,
+/// with `requirepass`/ACLs and `tls-port` of their own).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SentinelAccess {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: bool,
+}
 
 impl std::fmt::Debug for StateBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -322,8 +362,33 @@ impl std::fmt::Debug for StateBackend {
 }
 
 /// `url` without the password it may hold (`redis://user:secret@host`
-/// becomes `redis://user:***@host`), so that it can be logged.
+/// becomes `redis://user:***@host`, `redis+unix:///s?pass=secret` becomes
+/// `redis+unix:///s?pass=***`), so that it can be logged.
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(url);
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, _)) if ["pass", "password"].contains(&k.to_ascii_lowercase().as_str()) => {
+                    out.push_str(k);
+                    out.push_str("=***");
+                }
+                _ => out.push_str(pair),
+            }
+        }
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
@@ -358,6 +423,14 @@ mod redact_tests {
         assert_eq!(
             redact_url("redis+unix:///run/r.sock"),
             "redis+unix:///run/r.sock"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/r.sock?db=2&pass=s3cret&user=kg"),
+            "redis+unix:///run/r.sock?db=2&pass=***&user=kg"
+        );
+        assert_eq!(
+            redact_url("unix:///r.sock?PASSWORD=s3cret"),
+            "unix:///r.sock?PASSWORD=***"
         );
     }
 }

@@ -115,6 +115,10 @@ pub struct Entry<'a> {
     pub status: u16,
     /// The upstream's status, when the request was forwarded.
     pub upstream_status: Option<u16>,
+    /// The request reached the upstream (its head was written there),
+    /// answered or not: an abandoned request (status 499) that was
+    /// forwarded may have acted upstream.
+    pub forwarded: bool,
     pub principal: Option<&'a str>,
     pub auth_method: Option<&'static str>,
     pub key_id: Option<&'a str>,
@@ -304,6 +308,11 @@ fn json_line(e: &Entry<'_>, out: &mut Vec<u8>) {
         Some(s) => json_num(out, s),
         None => out.extend_from_slice(b"null"),
     }
+    out.extend_from_slice(if e.forwarded {
+        b",\"forwarded\":true"
+    } else {
+        b",\"forwarded\":false"
+    });
     out.extend_from_slice(b",\"principal\":");
     json_opt_str(out, e.principal);
     out.extend_from_slice(b",\"auth_method\":");
@@ -457,7 +466,7 @@ fn text(e: &Entry<'_>) -> String {
     let opt = |v: Option<&str>| v.unwrap_or("-").to_string();
     let num = |v: Option<u16>| v.map_or("-".to_string(), |n| n.to_string());
     format!(
-        "{} {} {} {} {:?} route={:?} status={} upstream_status={} principal={} method={} key={} tier={} code={} bytes_in={} bytes_out={} ua={:?} upstream_ms={} total_ms={}",
+        "{} {} {} {} {:?} route={:?} status={} upstream_status={} forwarded={} principal={} method={} key={} tier={} code={} bytes_in={} bytes_out={} ua={:?} upstream_ms={} total_ms={}",
         e.time,
         e.request_id,
         e.client_ip.map_or("-".to_string(), |ip| ip.to_string()),
@@ -466,6 +475,7 @@ fn text(e: &Entry<'_>) -> String {
         e.route,
         e.status,
         num(e.upstream_status),
+        e.forwarded,
         opt(e.principal),
         opt(e.auth_method),
         opt(e.key_id),
@@ -544,6 +554,7 @@ mod tests {
             route: "/v1/vms/{id}",
             status: 200,
             upstream_status: Some(201),
+            forwarded: true,
             principal: Some("u_alice"),
             auth_method: Some("jwt"),
             key_id: None,
@@ -570,6 +581,7 @@ mod tests {
             }
             e.client_ip = None;
             e.upstream_status = None;
+            e.forwarded = false;
             e.upstream_ms = None;
             e.total_ms = 12.0;
         }

@@ -60,6 +60,8 @@ const MAX_INTERIM: usize = 16;
 /// A client-sent request id is kept when it is this short and printable.
 const MAX_REQUEST_ID_LEN: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
+/// nginx's status for a request whose client went away before its answer.
+const CLIENT_CLOSED: u16 = 499;
 
 /// What every worker shares.
 pub struct Shared {
@@ -70,6 +72,8 @@ pub struct Shared {
     pub issuer: Arc<Issuer>,
     /// The limiter shared by a fleet, with `[state] backend = "redis"`.
     pub fleet: Option<Arc<RedisLimits>>,
+    /// Client connections open, for `server.max_connections*`.
+    pub connections: Arc<super::front::Connections>,
 }
 
 /// One proxy thread's state; its connections share it through an `Rc`.
@@ -77,9 +81,9 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub pool: Pool,
     /// This thread's connection to Redis, in fleet mode; set up on first use.
-    pub redis: std::cell::RefCell<Option<AsyncConn>>,
+    pub redis: Rc<std::cell::RefCell<Option<AsyncConn>>>,
     /// This thread's Redis limit calls in flight, batched by account.
-    pub lanes: Lanes,
+    pub lanes: Rc<Lanes>,
     /// Set at shutdown: finish the request in hand, then close.
     pub draining: Cell<bool>,
     /// Wakes idle connections at shutdown.
@@ -145,8 +149,6 @@ where
         headers: Vec::new(),
         up_buf: spare::take(READ_CHUNK),
         up_headers: Vec::new(),
-        bytes_in: 0,
-        bytes_out: 0,
     };
     let mut next = Next::Close;
     while let Some(head) = client.next_head(&worker).await {
@@ -204,10 +206,6 @@ struct Client<S> {
     headers: Vec<Header>,
     up_buf: Vec<u8>,
     up_headers: Vec<Header>,
-    /// This request's body bytes read, and answer bytes written (for the
-    /// access log).
-    bytes_in: u64,
-    bytes_out: u64,
 }
 
 impl<S> Drop for Client<S> {
@@ -282,6 +280,13 @@ struct Exchange {
     upstream_elapsed: Option<Duration>,
     /// The request body; done once read to its end (or when there is none).
     body: Decoder,
+    /// Request body bytes read, and answer bytes written.
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The request head went to the upstream.
+    forwarded: bool,
+    /// The exchange ran to its end (else the client went away: 499).
+    ended: bool,
 }
 
 /// The request target sent upstream: as received, or rewritten.
@@ -392,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// Answer one parsed request and say what the connection does next.
-    async fn exchange(&mut self, worker: &Worker, head: RequestHead) -> Next {
+    async fn exchange(&mut self, worker: &Worker, mut head: RequestHead) -> Next {
         // The head stays in `buf` for the exchange; what came after it is
         // the body and perhaps the next request.
         self.rest.clear();
@@ -405,6 +410,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         };
         let request_id = request_id(view.values(b"x-request-id").next());
         let policy = worker.shared.store.load();
+        // A client certificate verified under CAs the policy no longer
+        // trusts: the gate refuses it, and the connection ends with this
+        // answer (a new handshake checks against today's CAs).
+        let cert = self.tls.as_ref().and_then(|t| t.client_cert.as_deref());
+        if cert.is_some_and(|c| c.is_stale(&policy)) {
+            head.keep_alive = false;
+        }
         let client_ip = gate::client_ip::resolve(self.peer, &view, &policy.server.trusted_proxies);
         let user_agent = (policy.log.access != crate::policy::AccessLog::Off)
             .then(|| {
@@ -413,8 +425,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     .map(|v| String::from_utf8_lossy(v).into_owned())
             })
             .flatten();
-        self.bytes_in = 0;
-        self.bytes_out = 0;
         let mut x = Exchange {
             started: Instant::now(),
             policy,
@@ -432,12 +442,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             status: 0,
             upstream_elapsed: None,
             body: Decoder::new(head.body),
+            bytes_in: 0,
+            bytes_out: 0,
+            forwarded: false,
+            ended: false,
         };
-        let next = self
-            .route(worker, &head, &mut x)
-            .await
-            .unwrap_or(Next::Close);
-        x.log(self.bytes_in, self.bytes_out);
+        let next = match self.route(worker, &head, &mut x).await {
+            Ok(next) => {
+                x.ended = true;
+                next
+            }
+            Err(Gone) => Next::Close,
+        };
+        // The access log line and the metrics: written when `x` drops, here
+        // or wherever this future is dropped (an HTTP/2 reset aborts it).
+        drop(x);
         self.headers = head.headers;
         if next == Next::KeepAlive {
             // What the client sent early is the start of the next head.
@@ -585,15 +604,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let issuer: Arc<Issuer> = worker.shared.issuer.clone();
         let now = crate::policy::unix_now_us();
         let request_id = x.request_id.clone();
-        let answer = tokio::task::spawn_blocking(move || match endpoint {
-            Endpoint::Token => issuer.login(&policy, client_ip, &body, now).map(Some),
-            Endpoint::Refresh => issuer
-                .refresh(&policy, client_ip, &request_id, &body, now)
-                .map(Some),
-            _ => issuer.revoke(&policy, &body, now).map(|()| None),
-        })
-        .await
-        .unwrap_or(Err(IssueError::Internal));
+        let answer = if endpoint == Endpoint::Token {
+            // Bounded and put on the blocking pool by the issuer itself.
+            issuer.login(policy, client_ip, body, now).await.map(Some)
+        } else {
+            tokio::task::spawn_blocking(move || match endpoint {
+                Endpoint::Refresh => issuer
+                    .refresh(&policy, client_ip, &request_id, &body, now)
+                    .map(Some),
+                _ => issuer.revoke(&policy, &body, now).map(|()| None),
+            })
+            .await
+            .unwrap_or(Err(IssueError::Internal))
+        };
         match answer {
             Ok(tokens) => {
                 x.subject = tokens.as_ref().map(|t| t.subject.clone());
@@ -743,7 +766,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
             };
             self.rest_pos += used;
-            self.bytes_in += used as u64;
+            x.bytes_in += used as u64;
             chunked_out = match head.body {
                 _ if x.body.is_done() => {
                     header_u64(&mut self.out, b"content-length", payload.len() as u64);
@@ -787,7 +810,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let mut conn = conn;
             let wrote = tokio::time::timeout(up.read_timeout, conn.write_all(&self.out)).await;
             match wrote {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => x.forwarded = true,
                 Ok(Err(_)) if may_retry => {
                     retried = true;
                     continue;
@@ -858,10 +881,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let (body, keep_alive) = (resp.body, resp.keep_alive);
         self.up_headers = resp.headers;
         if switching {
-            return self.switch(&mut up_conn, body_start).await;
+            return self.switch(&mut up_conn, body_start, up.read_timeout).await;
         }
         let ended_clean = match self
-            .relay_response(&mut up_conn, body, body_start, reframe, up.read_timeout)
+            .relay_response(
+                &mut up_conn,
+                body,
+                body_start,
+                reframe,
+                up.read_timeout,
+                &mut x.bytes_out,
+            )
             .await
         {
             Ok(clean) => clean,
@@ -878,8 +908,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
 
-    /// After a `101`: the bytes each side sent early, then bytes both ways.
-    async fn switch(&mut self, up_conn: &mut Conn, body_start: usize) -> Step<Next> {
+    /// After a `101`: the bytes each side sent early, then bytes both ways
+    /// until either side ends or both stay quiet for `idle`.
+    async fn switch(
+        &mut self,
+        up_conn: &mut Conn,
+        body_start: usize,
+        idle: Duration,
+    ) -> Step<Next> {
         self.out.extend_from_slice(&self.up_buf[body_start..]);
         if send(&mut self.stream, &self.out).await.is_err() {
             return Err(Gone);
@@ -888,7 +924,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if !early.is_empty() && up_conn.write_all(early).await.is_err() {
             return Ok(Next::Close);
         }
-        let _ = tokio::io::copy_bidirectional(&mut self.stream, up_conn).await;
+        if super::tunnel::run(&mut self.stream, up_conn, idle).await == super::tunnel::Ended::Idle {
+            tracing::debug!(peer = %self.peer, "upgraded connection idle for {idle:?}; closed");
+        }
         Ok(Next::Close)
     }
 
@@ -908,10 +946,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 out.extend_from_slice(LAST_CHUNK);
             }
             let wrote = match pulled {
-                Ok(()) if !out.is_empty() => {
+                Ok(used) if !out.is_empty() => {
+                    x.bytes_in += used as u64;
                     tokio::time::timeout(timeout, conn.write_all(&out)).await
                 }
-                Ok(()) => Ok(Ok(())),
+                Ok(used) => {
+                    x.bytes_in += used as u64;
+                    Ok(Ok(()))
+                }
                 Err(e) => {
                     self.scratch = out;
                     return Err(Streamed::Client(e));
@@ -934,7 +976,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         body: &mut Decoder,
         out: &mut Vec<u8>,
         chunked: bool,
-    ) -> Result<(), BodyFailure> {
+    ) -> Result<usize, BodyFailure> {
         if self.rest_pos == self.rest.len() {
             self.rest.clear();
             self.rest_pos = 0;
@@ -945,7 +987,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(Ok(_)) => {
                     return match body.eof() {
-                        Ok(()) => Ok(()),
+                        Ok(()) => Ok(0),
                         Err(_) => Err(BodyFailure::Gone),
                     }
                 }
@@ -963,8 +1005,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             })
             .map_err(|e| BodyFailure::Malformed(body_error(e)))?;
         self.rest_pos += used;
-        self.bytes_in += used as u64;
-        Ok(())
+        Ok(used)
     }
 
     /// The whole body, decoded, for keygate's own use; refused past `limit`
@@ -991,7 +1032,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let pulled =
                 tokio::time::timeout_at(deadline, self.pull_body(&mut x.body, &mut body, false));
             match pulled.await {
-                Ok(Ok(())) => {}
+                Ok(Ok(used)) => x.bytes_in += used as u64,
                 Ok(Err(BodyFailure::Gone)) => return Err(Gone),
                 Ok(Err(BodyFailure::Malformed(why))) => return Ok(Err(Refusal::Body(why))),
                 Err(_) => return Ok(Err(Refusal::Wire(WireError::Timeout))),
@@ -1093,6 +1134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         start: usize,
         reframe: Reframe,
         timeout: Duration,
+        bytes_out: &mut u64,
     ) -> Result<bool, Relay> {
         let mut decoder = Decoder::new(kind);
         let mut pos = start;
@@ -1118,7 +1160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 if send(&mut self.stream, &self.out).await.is_err() {
                     return Err(Relay::Gone);
                 }
-                self.bytes_out += self.out.len() as u64;
+                *bytes_out += self.out.len() as u64;
                 self.out.clear();
                 head_sent = true;
             }
@@ -1136,7 +1178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         if send(&mut self.stream, LAST_CHUNK).await.is_err() {
                             return Err(Relay::Gone);
                         }
-                        self.bytes_out += LAST_CHUNK.len() as u64;
+                        *bytes_out += LAST_CHUNK.len() as u64;
                     }
                     return Ok(false);
                 }
@@ -1276,7 +1318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if send(&mut self.stream, &self.out).await.is_err() {
             return Err(Gone);
         }
-        self.bytes_out += self.out.len() as u64;
+        x.bytes_out += self.out.len() as u64;
         Ok(next)
     }
 
@@ -1321,14 +1363,34 @@ fn body_error(e: BodyError) -> &'static str {
     }
 }
 
+impl Drop for Exchange {
+    /// Every request leaves its access-log line and its metrics, however
+    /// it ends: answered, refused, or abandoned by its client (a closed
+    /// connection, an HTTP/2 reset that aborts this exchange mid-way).
+    fn drop(&mut self) {
+        self.log();
+    }
+}
+
 impl Exchange {
-    /// Metrics and the access log line for this request.
-    fn log(&self, bytes_in: u64, bytes_out: u64) {
+    /// Metrics and the access log line for this request. A client that went
+    /// away before any of the answer reached it is logged as nginx does:
+    /// `499`, with whether the upstream got the request.
+    fn log(&self) {
         let policy = &*self.policy;
-        let status = if self.status == 0 {
+        let (bytes_in, bytes_out) = (self.bytes_in, self.bytes_out);
+        let abandoned = !self.ended && bytes_out == 0;
+        let status = if abandoned {
+            CLIENT_CLOSED
+        } else if self.status == 0 {
             self.refused.map_or(0, |(s, _)| s)
         } else {
             self.status
+        };
+        let code = if abandoned {
+            Some("client_closed_request")
+        } else {
+            self.refused.map(|(_, code)| code)
         };
         let elapsed = self.started.elapsed();
         let decision = self.decision.as_ref();
@@ -1373,6 +1435,7 @@ impl Exchange {
                     route,
                     status,
                     upstream_status: self.upstream_status,
+                    forwarded: self.forwarded,
                     principal: principal
                         .map(|p| p.subject_str(policy))
                         .or(self.subject.as_deref()),
@@ -1381,7 +1444,7 @@ impl Exchange {
                         .and_then(|p| p.key)
                         .map(|k| &*policy.api_key(k).id),
                     tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
-                    code: self.refused.map(|(_, code)| code),
+                    code,
                     bytes_in,
                     bytes_out,
                     user_agent: self.user_agent.as_deref().map(access_log::clip),

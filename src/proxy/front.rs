@@ -11,12 +11,14 @@
 //! pool of upstream keep-alive connections.
 
 use std::cell::Cell;
-use std::net::TcpListener as StdListener;
+use std::net::{IpAddr, TcpListener as StdListener};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use pingora::server::ListenFds;
 use pingora::server::ShutdownWatch;
 use tokio::net::TcpListener;
@@ -24,6 +26,7 @@ use tokio::sync::{watch, Notify};
 
 use super::exchange::{self, Shared, Worker};
 use crate::http1::upstream;
+use crate::metrics::METRICS;
 
 /// The proxy listener as a pingora service: started with the server,
 /// drained when pingora signals shutdown.
@@ -178,8 +181,13 @@ fn run_worker(
                 _ = stop.changed() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, addr)) => {
-                        let _ = stream.set_nodelay(true);
                         let peer = addr.ip().to_canonical();
+                        // Over a cap: closed before a byte is read.
+                        let Some(open) = worker.shared.connections.open(peer, &worker.shared.store.load().server) else {
+                            drop(stream);
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
                         // Whether the port speaks TLS is fixed at start (a
                         // reload that drops [server.tls] must not turn it
                         // into plain HTTP); which certificates and settings,
@@ -189,10 +197,18 @@ fn run_worker(
                         }
                         match (&tls_at_start, &tls_now) {
                             (Some(_), Some(tls)) => {
-                                tokio::task::spawn_local(super::tls::serve(worker.clone(), stream, peer, tls.clone()));
+                                let serve = super::tls::serve(worker.clone(), stream, peer, tls.clone());
+                                tokio::task::spawn_local(async move {
+                                    serve.await;
+                                    drop(open);
+                                });
                             }
                             _ => {
-                                tokio::task::spawn_local(exchange::serve(worker.clone(), stream, peer, None));
+                                let serve = exchange::serve(worker.clone(), stream, peer, None);
+                                tokio::task::spawn_local(async move {
+                                    serve.await;
+                                    drop(open);
+                                });
                             }
                         }
                     }
@@ -223,6 +239,73 @@ fn run_worker(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+}
+
+/// Client connections open now, in all and by address: `server.max_connections`
+/// and `server.max_connections_per_client` (nginx's `limit_conn`,
+/// HAProxy's `maxconn`) are checked at accept, before a byte is read.
+#[derive(Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    by_client: DashMap<IpAddr, usize>,
+}
+
+/// One open connection, counted until dropped.
+pub struct Open {
+    owner: Arc<Connections>,
+    client: Option<IpAddr>,
+}
+
+impl Connections {
+    /// Count a new connection from `peer`, or `None` (counted in
+    /// `keygate_connections_refused_total`) when a cap is reached.
+    pub fn open(self: &Arc<Self>, peer: IpAddr, server: &crate::policy::Server) -> Option<Open> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= server.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            refused("max_connections");
+            return None;
+        }
+        let cap = server.max_connections_per_client;
+        let client = if cap > 0 {
+            let bucket = crate::policy::address_bucket(peer, server.ipv6_prefix);
+            let mut n = self.by_client.entry(bucket).or_insert(0);
+            if *n >= cap {
+                drop(n);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                refused("max_connections_per_client");
+                return None;
+            }
+            *n += 1;
+            Some(bucket)
+        } else {
+            None
+        };
+        METRICS.connections_open.inc();
+        Some(Open {
+            owner: self.clone(),
+            client,
+        })
+    }
+}
+
+fn refused(reason: &str) {
+    METRICS
+        .connections_refused
+        .with_label_values(&[reason])
+        .inc();
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.client {
+            self.owner.by_client.remove_if_mut(&client, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+        self.owner.open.fetch_sub(1, Ordering::AcqRel);
+        METRICS.connections_open.dec();
+    }
 }
 
 /// Accept on `listener`, or never when there is none.

@@ -162,6 +162,17 @@ where
             // One timer per connection, not one per stream: idleness and
             // the GOAWAY deadline are looked at once a second.
             _ = every.tick() => {
+                // Its client certificate was verified under CAs the policy
+                // no longer trusts: new connections get a new handshake.
+                let stale = info
+                    .client_cert
+                    .as_ref()
+                    .is_some_and(|c| c.is_stale(&worker.shared.store.load()));
+                if stale && !going_away {
+                    METRICS.http2_goaways.with_label_values(&["client_ca_changed"]).inc();
+                    conn.graceful_shutdown();
+                    going_away = true;
+                }
                 if let Some(at) = gone_at {
                     // A client that neither answers the GOAWAY's PING nor
                     // ends its streams does not keep the connection.

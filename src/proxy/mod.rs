@@ -18,6 +18,7 @@ mod relay;
 mod reload;
 pub mod sample_upstream;
 pub mod tls;
+mod tunnel;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,10 +57,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             let state = open_state(&server_settings.state_dir, &limiter)?;
             // The embedded store is in this process: up while it runs.
             METRICS.state_up.set(1);
-            let issuer = Issuer {
-                store: state,
-                throttles: limiter.clone(),
-            };
+            let issuer = Issuer::new(state, limiter.clone());
             (issuer, None, None)
         }
         StateBackend::Redis(settings) => {
@@ -76,11 +74,18 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
                 on_error_limits = ?settings.on_error_limits,
                 "limits, login throttles and refresh tokens are shared through Redis"
             );
-            let issuer = Issuer {
-                store: store.clone(),
-                throttles: store.clone(),
-            };
+            let issuer = Issuer::new(store.clone(), store.clone());
             let fleet = Arc::new(RedisLimits::new(settings));
+            let sweeper = fleet.clone();
+            let spawned = std::thread::Builder::new()
+                .name("keygate deny cache".into())
+                .spawn(move || loop {
+                    std::thread::sleep(crate::state::fleet::SWEEP_EVERY);
+                    sweeper.sweep();
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the deny-cache sweeper");
+            }
             (issuer, Some(fleet), Some(store))
         }
     };
@@ -121,6 +126,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             limiter,
             issuer,
             fleet,
+            connections: Arc::default(),
         }),
         listener: Some(listener),
         redirect,

@@ -55,7 +55,7 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr, tls: Arc
         client_cert: conn
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|leaf| peer_cert(leaf))
+            .and_then(|leaf| peer_cert(leaf, tls.client_trust))
             .map(Rc::new),
     };
     if conn.alpn_protocol() == Some(b"h2") {
@@ -65,8 +65,9 @@ pub async fn serve(worker: Rc<Worker>, stream: TcpStream, peer: IpAddr, tls: Arc
     }
 }
 
-/// What the policy can match in a client certificate the handshake verified.
-pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
+/// What the policy can match in a client certificate the handshake
+/// verified under the client CA set `trust`.
+pub fn peer_cert(der: &[u8], trust: [u8; 32]) -> Option<PeerCert> {
     use sha2::Digest;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let mut sans = Vec::new();
@@ -88,6 +89,7 @@ pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
         subject: subject_key(cert.subject()).unwrap_or_default(),
         sans,
         not_after: cert.validity().not_after.timestamp(),
+        trust,
     })
 }
 

@@ -4,11 +4,22 @@
 //!
 //! Keys (the part in braces is the Cluster hash tag):
 //! - `{prefix}:fam:{<family>}`: one small hash per family, so a rotation is
-//!   one atomic script on one slot. Fields: `u` (the user), `r` (revoked,
-//!   until when), and the family's one live token: `c` (its SHA-256, hex)
-//!   with `ci`/`ce` (issued, expires). Every other token of the family is
-//!   spent by definition, so the hash never grows with rotations and no
+//!   one atomic script on one slot. Fields: `u` (the user), `a` (the
+//!   family's start: its login, Unix s), `r` (revoked, until when), and the
+//!   family's one live token: `c` (its SHA-256, hex) with `ci`/`ce`
+//!   (issued, expires) and `m`, an HMAC-SHA256 under `[state] record_key`
+//!   of the family, `u`, `a`, `c` and `ce`. Every other token of the family
+//!   is spent by definition, so the hash never grows with rotations and no
 //!   script walks it. It expires with its live token or revocation mark.
+//!   A revocation also deletes `c` and `m`: a revoked family has no live
+//!   token left to revive by deleting `r`.
+//!
+//! The MAC is keygate's answer to "whoever can write to Redis can mint a
+//! refresh family for any user": without the key, nobody can make a record
+//! that names a user and a token of their choosing, or extend one. It does
+//! not stop a writer from rolling a family back to a state it saw earlier
+//! (that needs the token of that state too), nor from deleting or revoking
+//! families; protect Redis with ACLs and TLS all the same.
 //! - `{prefix}:rt:{<sha256 hex>}` = the family: the index from a presented
 //!   token to its family. Written once before the token is handed out and
 //!   never changed, so reading it outside the family's script cannot race;
@@ -33,20 +44,24 @@ use crate::metrics::METRICS;
 use crate::policy::RedisSettings;
 
 /// Start a family with its first token. KEYS[1]: the family. ARGV: user,
-/// token, issued, expires (Unix s), mode: 0 sets the live token; 1
-/// (import) sets it only when the family has none; 2 (import of a spent
-/// token) only makes sure the family exists.
+/// token, issued, expires (Unix s), mode, family start, MAC. Mode 0 sets
+/// the live token; 1 (import) sets it only when the family has none and is
+/// not revoked; 2 (import of a spent token) only makes sure the family
+/// exists.
 const INSERT: &str = r#"
 local at = tonumber(ARGV[4])
 local function keep_until()
   if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
 end
-if ARGV[5] == '2' or (ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], 'c') == 1) then
+if ARGV[5] == '2' or (ARGV[5] == '1' and (redis.call('HEXISTS', KEYS[1], 'c') == 1
+    or redis.call('HEXISTS', KEYS[1], 'r') == 1)) then
   redis.call('HSETNX', KEYS[1], 'u', ARGV[1])
+  redis.call('HSETNX', KEYS[1], 'a', ARGV[6])
   keep_until()
   return 0
 end
-redis.call('HSET', KEYS[1], 'u', ARGV[1], 'c', ARGV[2], 'ci', ARGV[3], 'ce', ARGV[4])
+redis.call('HSET', KEYS[1], 'u', ARGV[1], 'c', ARGV[2], 'ci', ARGV[3], 'ce', ARGV[4],
+  'a', ARGV[6], 'm', ARGV[7])
 keep_until()
 return 1
 "#;
@@ -54,7 +69,8 @@ return 1
 /// Spend the family's live token and make its successor live, or detect
 /// reuse (any other token of the family). KEYS[1]: the family. ARGV: the
 /// presented token, the successor ('' to only look), its issued and
-/// expires, now, revoke-until. O(1) whatever the family's history.
+/// expires, now, revoke-until, the successor's MAC. O(1) whatever the
+/// family's history. A reuse revokes the family and drops its live token.
 const ROTATE: &str = r#"
 local f = redis.call('HMGET', KEYS[1], 'u', 'r', 'c', 'ce')
 if not f[1] then return 'unknown' end
@@ -63,12 +79,13 @@ local now = tonumber(ARGV[5])
 if f[3] ~= ARGV[1] then
   local until_ = tonumber(ARGV[6])
   redis.call('HSET', KEYS[1], 'r', until_)
+  redis.call('HDEL', KEYS[1], 'c', 'm')
   if redis.call('EXPIRETIME', KEYS[1]) < until_ then redis.call('EXPIREAT', KEYS[1], until_) end
   return 'reuse'
 end
 if tonumber(f[4]) <= now then return 'expired' end
 if ARGV[2] == '' then return 'valid' end
-redis.call('HSET', KEYS[1], 'c', ARGV[2], 'ci', ARGV[3], 'ce', ARGV[4])
+redis.call('HSET', KEYS[1], 'c', ARGV[2], 'ci', ARGV[3], 'ce', ARGV[4], 'm', ARGV[7])
 local at = tonumber(ARGV[4])
 if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
 return 'rotated'
@@ -82,6 +99,7 @@ local existed = redis.call('EXISTS', KEYS[1])
 local at = tonumber(ARGV[1])
 local was = tonumber(redis.call('HGET', KEYS[1], 'r') or '0')
 if was < at then redis.call('HSET', KEYS[1], 'r', at) end
+redis.call('HDEL', KEYS[1], 'c', 'm')
 if redis.call('EXPIRETIME', KEYS[1]) < at then redis.call('EXPIREAT', KEYS[1], at) end
 return existed
 "#;
@@ -89,22 +107,28 @@ return existed
 pub struct RedisStore {
     pool: SyncPool,
     prefix: Box<str>,
+    /// `[state] record_key`: authenticates family records.
+    record_key: Box<[u8]>,
     insert: Script,
     rotate: Script,
     revoke: Script,
     gcra: Script,
+    refund: Script,
 }
 
 impl RedisStore {
     pub fn new(settings: Arc<RedisSettings>) -> Result<RedisStore, StateError> {
         let prefix = settings.key_prefix.clone();
+        let record_key = settings.record_key.clone();
         Ok(RedisStore {
             pool: SyncPool::new(settings).map_err(|e| unavailable("setup", &e))?,
             prefix,
+            record_key,
             insert: Script::new(INSERT),
             rotate: Script::new(ROTATE),
             revoke: Script::new(REVOKE),
             gcra: Script::new(super::fleet::GCRA),
+            refund: Script::new(REFUND),
         })
     }
 
@@ -146,8 +170,26 @@ impl RedisStore {
         Ok(family.and_then(|f| u128::from_str_radix(&f, 16).ok()))
     }
 
+    /// The MAC of a family record whose live token is `token` (hex).
+    fn mac(&self, family: u128, user: &str, auth_time: u64, token: &str, expires: u64) -> String {
+        use hmac::{Hmac, Mac};
+        let mut m = <Hmac<sha2::Sha256>>::new_from_slice(&self.record_key)
+            .expect("HMAC takes any key length");
+        // Length-prefixed, so no two different records read the same.
+        m.update(b"keygate refresh family v1");
+        m.update(&family.to_be_bytes());
+        m.update(&(user.len() as u64).to_be_bytes());
+        m.update(user.as_bytes());
+        m.update(&auth_time.to_be_bytes());
+        m.update(&(token.len() as u64).to_be_bytes());
+        m.update(token.as_bytes());
+        m.update(&expires.to_be_bytes());
+        hex(&m.finalize().into_bytes().into())
+    }
+
     /// The record of `hash` in `family` (spent unless it is the live
-    /// token), and whether the family is revoked.
+    /// token), and whether the family is revoked. A live token whose
+    /// record does not authenticate under `record_key` is unknown.
     fn lookup(
         &self,
         family: u128,
@@ -160,27 +202,60 @@ impl RedisStore {
             Option<String>,
             Option<u64>,
             Option<u64>,
+            Option<u64>,
+            Option<String>,
         );
-        let (user, revoked, current, issued, expires): Fields = self.call("refresh_read", |c| {
-            redis::cmd("HMGET")
-                .arg(&key)
-                .arg("u")
-                .arg("r")
-                .arg("c")
-                .arg("ci")
-                .arg("ce")
-                .query(c)
-        })?;
+        let (user, revoked, current, issued, expires, auth_time, mac): Fields =
+            self.call("refresh_read", |c| {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("u")
+                    .arg("r")
+                    .arg("c")
+                    .arg("ci")
+                    .arg("ce")
+                    .arg("a")
+                    .arg("m")
+                    .query(c)
+            })?;
         let Some(user) = user else {
             return Ok(None);
         };
+        let presented = hex(hash);
+        let live = current.as_deref() == Some(presented.as_str());
         let record = RefreshRecord {
             user,
             family,
             issued_at: issued.unwrap_or(0),
             expires_at: expires.unwrap_or(0),
-            spent: current.as_deref() != Some(hex(hash).as_str()),
+            spent: !live,
+            // Unknown: before any cutoff a user's tokens_valid_after sets.
+            auth_time: auth_time.unwrap_or(0),
         };
+        if live && revoked.is_none() {
+            let expected = self.mac(
+                family,
+                &record.user,
+                record.auth_time,
+                &presented,
+                record.expires_at,
+            );
+            let authentic = mac.is_some_and(|m| {
+                subtle::ConstantTimeEq::ct_eq(m.as_bytes(), expected.as_bytes()).into()
+            });
+            if !authentic {
+                METRICS
+                    .state_errors
+                    .with_label_values(&["unauthenticated_record"])
+                    .inc();
+                tracing::warn!(
+                    family = %format!("{family:032x}"),
+                    "a refresh family in Redis does not authenticate under [state] record_key \
+                     (written without the key, or before keygate signed its records); refused"
+                );
+                return Ok(None);
+            }
+        }
         Ok(Some((record, revoked.is_some())))
     }
 
@@ -220,12 +295,16 @@ impl RedisStore {
     /// has none; 2: only make sure the family (and its user) exists.
     fn set_live(&self, hash: &TokenHash, r: &RefreshRecord, mode: u8) -> Result<(), StateError> {
         let key = self.family_key(r.family);
+        let token = hex(hash);
+        let mac = self.mac(r.family, &r.user, r.auth_time, &token, r.expires_at);
         let mut inv = self.insert.key(key);
         inv.arg(&r.user)
-            .arg(hex(hash))
+            .arg(token)
             .arg(r.issued_at)
             .arg(r.expires_at)
-            .arg(mode);
+            .arg(mode)
+            .arg(r.auth_time)
+            .arg(mac);
         self.call("refresh_insert", |c| inv.invoke::<i64>(c))
             .map(|_| ())
     }
@@ -317,14 +396,24 @@ impl StateStore for RedisStore {
             match successor(&old) {
                 None => return Ok(Rotation::Refused),
                 Some((new_hash, new)) => {
+                    // The family's user and start, whatever the successor says.
+                    let new = RefreshRecord {
+                        user: old.user.clone(),
+                        auth_time: old.auth_time,
+                        ..new
+                    };
                     self.write_index(&new_hash, new.family, new.expires_at)?;
                     Some((new_hash, new))
                 }
             }
         };
-        let (new_token, issued, expires) = match &next {
-            Some((h, r)) => (hex(h), r.issued_at, r.expires_at),
-            None => (String::new(), 0, 0),
+        let (new_token, issued, expires, mac) = match &next {
+            Some((h, r)) => {
+                let token = hex(h);
+                let mac = self.mac(family, &r.user, r.auth_time, &token, r.expires_at);
+                (token, r.issued_at, r.expires_at, mac)
+            }
+            None => (String::new(), 0, 0, String::new()),
         };
         let key = self.family_key(family);
         let mut inv = self.rotate.key(key);
@@ -333,7 +422,8 @@ impl StateStore for RedisStore {
             .arg(issued)
             .arg(expires)
             .arg(now)
-            .arg(revoke_until);
+            .arg(revoke_until)
+            .arg(mac);
         let verdict: String = self.call("refresh_rotate", |c| inv.invoke(c))?;
         Ok(match verdict.as_str() {
             "rotated" => match next {
@@ -391,12 +481,16 @@ impl StateStore for RedisStore {
     }
 }
 
-/// Login throttles: the process's limiter, or the fleet's in Redis.
+/// Login throttles: the process's limiter, or the fleet's in Redis. An
+/// attempt spends its unit before the password is verified, and a login
+/// that passes gets it back.
 pub trait Throttles: Send + Sync {
     /// How `account` stands, without spending anything.
     fn peek(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError>;
     /// Spend one unit.
     fn hit(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError>;
+    /// Give one unit back (never more than was spent).
+    fn refund(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<(), StateError>;
 }
 
 impl Throttles for crate::limit::Limiter {
@@ -406,6 +500,11 @@ impl Throttles for crate::limit::Limiter {
 
     fn hit(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<Outcome, StateError> {
         Ok(self.check(account, quota, now_us))
+    }
+
+    fn refund(&self, account: AccountId, quota: &Quota, now_us: u64) -> Result<(), StateError> {
+        crate::limit::Limiter::refund(self, account, quota, now_us);
+        Ok(())
     }
 }
 
@@ -417,4 +516,26 @@ impl Throttles for RedisStore {
     fn hit(&self, account: AccountId, quota: &Quota, _now_us: u64) -> Result<Outcome, StateError> {
         self.gcra(account, quota, false)
     }
+
+    fn refund(&self, account: AccountId, quota: &Quota, _now_us: u64) -> Result<(), StateError> {
+        let key = format!("{}:limit:{{{account:032x}}}", self.prefix);
+        let mut inv = self.refund.key(key);
+        inv.arg(quota.interval_us());
+        self.call("throttle", |c| inv.invoke::<i64>(c)).map(|_| ())
+    }
 }
+
+/// Move an account's TAT back by one interval, not before now, and only
+/// under the same rate (a tier change in between owes nothing back).
+/// KEYS[1]: the account's hash. ARGV[1]: the interval (µs).
+const REFUND: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local state = redis.call('HMGET', KEYS[1], 't', 'i')
+local tat = tonumber(state[1])
+if tat == nil or state[2] ~= ARGV[1] then return 0 end
+local back = tat - tonumber(ARGV[1])
+if back < now then back = now end
+redis.call('HSET', KEYS[1], 't', string.format('%.0f', back))
+return 1
+"#;

@@ -14,14 +14,18 @@
 //!   as one call asking for n units ([`Lanes`], group commit). The script
 //!   grants the first k ≤ n in order, so exactness holds, and a hot account
 //!   costs one call per round trip instead of one per request.
-//! - **Bounded**: every call has keygate's own deadline (`timeout`); a
-//!   failure opens a breaker for [`BREAKER_OPEN`], during which decisions
-//!   take the `on_error_limits` path at once instead of waiting.
+//! - **Bounded**: every call has keygate's own deadline (`timeout`);
+//!   [`BREAKER_FAILURES`] failures in a row open a breaker for
+//!   [`BREAKER_OPEN`], during which decisions take the `on_error_limits`
+//!   path at once instead of waiting. One slow answer does not switch
+//!   every account to the fallback.
+//! - **A request that goes away takes nothing with it**: a batch's call
+//!   runs as a task of its own (see [`Lanes::decide`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,10 +39,15 @@ use crate::limit::{AccountId, Outcome, Quota};
 use crate::metrics::METRICS;
 use crate::policy::RedisSettings;
 
-/// After a failed call, Redis is not asked again for this long.
+/// After [`BREAKER_FAILURES`] failed calls in a row, Redis is not asked
+/// again for this long.
 pub const BREAKER_OPEN: Duration = Duration::from_millis(250);
-/// Deny-cache entries above this are swept of expired ones.
-const DENY_CACHE_SWEEP: usize = 100_000;
+pub const BREAKER_FAILURES: u32 = 3;
+/// At most this many refusals are cached (about 100 bytes each); past it,
+/// Redis answers the rest. Expired entries go at each [`RedisLimits::sweep`].
+const DENY_CACHE_MAX: usize = 250_000;
+/// How often the deny cache is swept of expired entries.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// GCRA for n units at once. KEYS[1]: the account's hash. ARGV: the
 /// emission interval and the tolerance (burst × interval), in µs, and n
@@ -87,6 +96,8 @@ pub struct RedisLimits {
     deny: DashMap<LaneKey, Denied>,
     /// No call before this instant (µs on the process clock); 0 = closed.
     open_until_us: AtomicU64,
+    /// Calls failed in a row.
+    failures: AtomicU32,
     epoch: Instant,
 }
 
@@ -111,6 +122,7 @@ impl RedisLimits {
             script: redis::Script::new(GCRA),
             deny: DashMap::new(),
             open_until_us: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
             epoch: Instant::now(),
         }
     }
@@ -123,9 +135,9 @@ impl RedisLimits {
     /// thread's other decisions for that account (see [`Lanes`]). `conn`
     /// is the thread's connection, set up here on first use.
     pub async fn check(
-        &self,
-        lanes: &Lanes,
-        conn: &RefCell<Option<AsyncConn>>,
+        self: &Arc<Self>,
+        lanes: &Rc<Lanes>,
+        conn: &Rc<RefCell<Option<AsyncConn>>>,
         need: &QuotaNeed,
     ) -> Answer {
         let key = (
@@ -139,12 +151,10 @@ impl RedisLimits {
         if self.breaker_open() {
             return Answer::Unavailable;
         }
-        let (batch, j) = lanes.join(key);
-        let reply = if j == 1 {
-            lanes.lead(key, &batch, |n| self.call(conn, need, n)).await
-        } else {
-            batch.wait().await
-        };
+        let (me, conn, need) = (self.clone(), conn.clone(), *need);
+        let (reply, j) = lanes
+            .decide(key, move |n| async move { me.call(&conn, &need, n).await })
+            .await;
         let Reply::Granted {
             granted,
             base_us,
@@ -226,6 +236,7 @@ impl RedisLimits {
             .redis_call_duration
             .observe(started.elapsed().as_secs_f64());
         METRICS.redis_calls.with_label_values(&["gcra", "ok"]).inc();
+        self.failures.store(0, Ordering::Relaxed);
         if self.open_until_us.swap(0, Ordering::Relaxed) != 0 {
             METRICS.redis_breaker_open.set(0);
             tracing::info!("Redis answers again");
@@ -243,6 +254,10 @@ impl RedisLimits {
             .redis_calls
             .with_label_values(&["gcra", outcome])
             .inc();
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 < BREAKER_FAILURES {
+            // This decision takes the fallback; the next ones ask again.
+            return Reply::Failed;
+        }
         METRICS.state_up.set(0);
         METRICS.redis_breaker_open.set(1);
         let until = self.clock_us() + BREAKER_OPEN.as_micros() as u64;
@@ -269,18 +284,27 @@ impl RedisLimits {
         Some(outcome)
     }
 
+    /// O(1): the cache is swept by [`RedisLimits::sweep`] on a timer, never
+    /// by the request that happens to fill it.
     fn remember_refusal(&self, account: LaneKey, until_us: u64, outcome: Outcome) {
-        if self.deny.len() >= DENY_CACHE_SWEEP {
-            let now = self.clock_us();
-            self.deny.retain(|_, d| d.until_us > now);
+        if self.deny.len() >= DENY_CACHE_MAX {
+            return;
         }
         self.deny.insert(account, Denied { until_us, outcome });
+    }
+
+    /// Drop expired refusals; run every [`SWEEP_EVERY`] off the proxy
+    /// threads. Returns how many are left.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock_us();
+        self.deny.retain(|_, d| d.until_us > now);
+        self.deny.len()
     }
 }
 
 /// What one call answered.
 #[derive(Debug, Clone, Copy)]
-enum Reply {
+pub enum Reply {
     Granted {
         granted: u64,
         base_us: u64,
@@ -290,7 +314,7 @@ enum Reply {
     Failed,
 }
 
-type LaneKey = (AccountId, u64, u64);
+pub type LaneKey = (AccountId, u64, u64);
 
 /// One proxy thread's decisions in flight, by account and quota: a group
 /// commit. The first decision for an account opens a batch and leads it;
@@ -331,6 +355,29 @@ impl Batch {
 }
 
 impl Lanes {
+    /// One decision's reply and its place in its batch. The first of a
+    /// batch starts the batch's call as a task of its own, which every
+    /// member (the first included) then waits for: a member whose request
+    /// goes away (an HTTP/2 stream reset, a client that closed) takes
+    /// nothing from the others. Were the call the first member's own work,
+    /// dropping that request would fail the whole batch, and every member
+    /// would fall to `on_error_limits`: a client could switch its limits
+    /// off by resetting one stream per burst.
+    pub async fn decide<F, Fut>(self: &Rc<Self>, key: LaneKey, call: F) -> (Reply, u64)
+    where
+        F: FnOnce(u64) -> Fut + 'static,
+        Fut: std::future::Future<Output = Reply> + 'static,
+    {
+        let (batch, j) = self.join(key);
+        if j == 1 {
+            let (lanes, leading) = (self.clone(), batch.clone());
+            tokio::task::spawn_local(async move {
+                lanes.lead(key, &leading, call).await;
+            });
+        }
+        (batch.wait().await, j)
+    }
+
     /// Join the open batch for `key`, or open one; returns it and this
     /// decision's place in it (1 leads).
     fn join(&self, key: LaneKey) -> (Rc<Batch>, u64) {
@@ -348,8 +395,9 @@ impl Lanes {
         F: FnOnce(u64) -> Fut,
         Fut: std::future::Future<Output = Reply>,
     {
-        // From here on, dropping this future (while waiting or calling)
-        // fails the batch and frees the lane instead of stranding either.
+        // From here on, dropping this future (while waiting or calling: the
+        // worker's runtime ends) fails the batch and frees the lane instead
+        // of stranding either.
         let mut release = Release {
             lanes: self,
             key,
@@ -556,6 +604,91 @@ mod tests {
                 "the lane is dropped when idle"
             );
         });
+    }
+
+    #[test]
+    fn a_dropped_first_request_leaves_its_batch_answered() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let lanes = Rc::new(Lanes::default());
+            let key = (3, 1, 1);
+            let call = |n| async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Reply::Granted {
+                    granted: n,
+                    base_us: 0,
+                    at_us: 0,
+                }
+            };
+            // The first request opens the batch and is then dropped, as a
+            // reset HTTP/2 stream's exchange is; the second joined it.
+            let first = lanes.decide(key, call);
+            let second = tokio::task::spawn_local({
+                let lanes = lanes.clone();
+                async move { lanes.decide(key, call).await }
+            });
+            assert!(tokio::time::timeout(Duration::from_millis(5), first)
+                .await
+                .is_err());
+            let (reply, j) = second.await.unwrap();
+            assert_eq!(j, 2);
+            assert!(
+                matches!(reply, Reply::Granted { granted: 2, .. }),
+                "the batch's call went on without its first member: {reply:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(lanes.lanes.borrow().is_empty(), "the lane is freed");
+        });
+    }
+
+    fn settings() -> Arc<RedisSettings> {
+        let toml = crate::policy::testing::base_toml()
+            + "\n[state]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nrecord_key = \"0123456789abcdef0123456789abcdef\"\n";
+        match crate::policy::testing::compile_str(&toml)
+            .unwrap()
+            .policy
+            .state
+        {
+            crate::policy::StateBackend::Redis(s) => Arc::new(*s),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn filling_the_deny_cache_costs_the_request_nothing_and_the_timer_sweeps() {
+        let limits = RedisLimits::new(settings());
+        let refused = unit(&quota(1, 1), 0, 60_000_000, 1);
+        // 100,001 refusals that have run out, then one more.
+        for a in 0..100_001u128 {
+            limits.deny.insert(
+                (a, 1, 1),
+                Denied {
+                    until_us: 0,
+                    outcome: refused,
+                },
+            );
+        }
+        limits.remember_refusal((u128::MAX, 1, 1), u64::MAX, refused);
+        assert_eq!(limits.deny.len(), 100_002, "the insert walked the map");
+        assert_eq!(limits.sweep(), 1);
+    }
+
+    #[test]
+    fn one_failed_call_does_not_open_the_breaker() {
+        let limits = RedisLimits::new(settings());
+        for _ in 1..BREAKER_FAILURES {
+            assert!(matches!(limits.failed("timeout", "slow"), Reply::Failed));
+            assert!(
+                !limits.breaker_open(),
+                "open after fewer than {BREAKER_FAILURES}"
+            );
+        }
+        limits.failed("timeout", "slow");
+        assert!(limits.breaker_open());
     }
 
     #[test]

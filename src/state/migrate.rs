@@ -37,6 +37,10 @@ pub enum Record {
         issued_at: u64,
         expires_at: u64,
         spent: bool,
+        /// The family's start (its login). Exports of keygate before 0.2
+        /// lack it: [`read`] takes the family's earliest token then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth_time: Option<u64>,
     },
     Revoked {
         family: String,
@@ -66,6 +70,7 @@ impl Record {
             issued_at: r.issued_at,
             expires_at: r.expires_at,
             spent: r.spent,
+            auth_time: Some(r.auth_time),
         }
     }
 
@@ -110,6 +115,7 @@ impl TryFrom<Record> for Item {
                 issued_at,
                 expires_at,
                 spent,
+                auth_time,
             } => {
                 let bytes = hex::decode(&hash).map_err(|_| format!("bad hash {hash:?}"))?;
                 let hash: TokenHash = bytes
@@ -123,6 +129,7 @@ impl TryFrom<Record> for Item {
                         issued_at,
                         expires_at,
                         spent,
+                        auth_time: auth_time.unwrap_or(u64::MAX),
                     },
                 )
             }
@@ -175,6 +182,21 @@ pub fn read(input: &mut dyn BufRead) -> Result<Vec<Item>, String> {
             serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 1))?;
         items.push(Item::try_from(record).map_err(|e| format!("line {}: {e}", n + 1))?);
     }
+    // A family start the export did not carry: its earliest token in it.
+    let mut starts = std::collections::HashMap::<u128, u64>::new();
+    for item in &items {
+        if let Item::Refresh(_, r) = item {
+            let start = starts.entry(r.family).or_insert(r.issued_at);
+            *start = (*start).min(r.issued_at).min(r.auth_time);
+        }
+    }
+    for item in &mut items {
+        if let Item::Refresh(_, r) = item {
+            if r.auth_time == u64::MAX {
+                r.auth_time = starts[&r.family];
+            }
+        }
+    }
     Ok(items)
 }
 
@@ -198,6 +220,7 @@ mod tests {
                     issued_at: 1,
                     expires_at: 2,
                     spent: true,
+                    auth_time: 1,
                 },
             ),
             Record::Revoked {
@@ -212,6 +235,20 @@ mod tests {
         assert!(
             matches!(items[1], Item::Refresh(h, ref r) if h == [3; 32] && r.spent && r.family == u128::MAX)
         );
+    }
+
+    #[test]
+    fn an_export_without_family_starts_takes_each_familys_earliest_token() {
+        let text = concat!(
+            "{\"keygate_state\":1}\n",
+            "{\"refresh\":{\"hash\":\"0101010101010101010101010101010101010101010101010101010101010101\",\"user\":\"u\",\"family\":\"0000000000000000000000000000000a\",\"issued_at\":50,\"expires_at\":90,\"spent\":false}}\n",
+            "{\"refresh\":{\"hash\":\"0202020202020202020202020202020202020202020202020202020202020202\",\"user\":\"u\",\"family\":\"0000000000000000000000000000000a\",\"issued_at\":20,\"expires_at\":60,\"spent\":true}}\n",
+        );
+        let items = read(&mut text.as_bytes()).unwrap();
+        for item in &items {
+            let Item::Refresh(_, r) = item else { panic!() };
+            assert_eq!(r.auth_time, 20);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod fleet;
 pub mod migrate;
 pub mod topology;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use crate::limit::{AccountId, Limiter, Snapshot};
 use crate::metrics::METRICS;
@@ -96,6 +96,49 @@ pub struct RefreshRecord {
     pub issued_at: u64,
     pub expires_at: u64,
     pub spent: bool,
+    /// When the family started: the login (Unix seconds). Every rotation
+    /// carries it on unchanged; a user's `tokens_valid_after` is compared
+    /// with it, never with `issued_at`, which each rotation resets.
+    pub auth_time: u64,
+}
+
+type RefreshRow<'a> = (&'a str, u128, u64, u64, bool, u64);
+
+impl RefreshRecord {
+    fn row(&self) -> RefreshRow<'_> {
+        (
+            self.user.as_str(),
+            self.family,
+            self.issued_at,
+            self.expires_at,
+            self.spent,
+            self.auth_time,
+        )
+    }
+
+    fn from_row((user, family, issued_at, expires_at, spent, auth_time): RefreshRow<'_>) -> Self {
+        RefreshRecord {
+            user: user.to_string(),
+            family,
+            issued_at,
+            expires_at,
+            spent,
+            auth_time,
+        }
+    }
+
+    /// What an import leaves of `self` (held) and `imported` (the same
+    /// token, from an export): never un-spent, the later expiry, the
+    /// earlier family start.
+    fn merged(&self, imported: &RefreshRecord) -> RefreshRecord {
+        RefreshRecord {
+            spent: self.spent || imported.spent,
+            issued_at: self.issued_at.max(imported.issued_at),
+            expires_at: self.expires_at.max(imported.expires_at),
+            auth_time: self.auth_time.min(imported.auth_time),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,8 +159,10 @@ pub enum Rotation {
 
 /// account → (emission interval µs, TAT µs since the Unix epoch)
 const LIMITS: TableDefinition<u128, (u64, u64)> = TableDefinition::new("limits_v1");
-/// token hash → (user, family, issued_at, expires_at, spent)
-const REFRESH: TableDefinition<&[u8; 32], (&str, u128, u64, u64, bool)> =
+/// token hash → (user, family, issued_at, expires_at, spent, auth_time)
+const REFRESH: TableDefinition<&[u8; 32], RefreshRow<'static>> = TableDefinition::new("refresh_v2");
+/// The table before families kept their start; moved into [`REFRESH`] at open.
+const REFRESH_V1: TableDefinition<&[u8; 32], (&str, u128, u64, u64, bool)> =
     TableDefinition::new("refresh_v1");
 /// revoked family → when its last token expires (for purging)
 const REVOKED: TableDefinition<u128, u64> = TableDefinition::new("revoked_families_v1");
@@ -137,9 +182,59 @@ impl RedbStore {
         txn.open_table(LIMITS)?;
         txn.open_table(REFRESH)?;
         txn.open_table(REVOKED)?;
+        migrate_refresh_v1(&txn)?;
         txn.commit()?;
         Ok(RedbStore { db })
     }
+}
+
+/// Move tokens written before families kept their start into the current
+/// table. A family's start is taken as the earliest token of it still held
+/// (the login's own, unless it has expired): never later than the truth
+/// by more than the tokens purged, and never earlier.
+fn migrate_refresh_v1(txn: &redb::WriteTransaction) -> Result<(), StateError> {
+    let exists = txn.list_tables()?.any(|t| t.name() == REFRESH_V1.name());
+    if !exists {
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    let mut starts = std::collections::HashMap::<u128, u64>::new();
+    {
+        let old = txn.open_table(REFRESH_V1)?;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            let (user, family, issued_at, expires_at, spent) = v.value();
+            let start = starts.entry(family).or_insert(issued_at);
+            *start = (*start).min(issued_at);
+            rows.push((
+                *k.value(),
+                (user.to_string(), family, issued_at, expires_at, spent),
+            ));
+        }
+    }
+    {
+        let mut new = txn.open_table(REFRESH)?;
+        for (hash, (user, family, issued_at, expires_at, spent)) in &rows {
+            let auth_time = starts[family];
+            new.insert(
+                hash,
+                (
+                    user.as_str(),
+                    *family,
+                    *issued_at,
+                    *expires_at,
+                    *spent,
+                    auth_time,
+                ),
+            )?;
+        }
+    }
+    txn.delete_table(REFRESH_V1)?;
+    tracing::info!(
+        tokens = rows.len(),
+        "refresh tokens moved to the table that keeps family starts"
+    );
+    Ok(())
 }
 
 impl StateStore for RedbStore {
@@ -185,19 +280,7 @@ impl StateStore for RedbStore {
 
     fn insert_refresh(&self, hash: &TokenHash, r: &RefreshRecord) -> Result<(), StateError> {
         let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(REFRESH)?;
-            table.insert(
-                hash,
-                (
-                    r.user.as_str(),
-                    r.family,
-                    r.issued_at,
-                    r.expires_at,
-                    r.spent,
-                ),
-            )?;
-        }
+        txn.open_table(REFRESH)?.insert(hash, r.row())?;
         txn.commit()?;
         Ok(())
     }
@@ -215,16 +298,9 @@ impl StateStore for RedbStore {
         let outcome = {
             let mut tokens = txn.open_table(REFRESH)?;
             let mut revoked = txn.open_table(REVOKED)?;
-            let old = tokens.get(hash)?.map(|v| {
-                let (user, family, issued_at, expires_at, spent) = v.value();
-                RefreshRecord {
-                    user: user.to_string(),
-                    family,
-                    issued_at,
-                    expires_at,
-                    spent,
-                }
-            });
+            let old = tokens
+                .get(hash)?
+                .map(|v| RefreshRecord::from_row(v.value()));
             match old {
                 None => Rotation::Unknown,
                 Some(old) if revoked.get(old.family)?.is_some() => Rotation::Revoked,
@@ -236,27 +312,18 @@ impl StateStore for RedbStore {
                 Some(old) => match successor(&old) {
                     None => Rotation::Refused,
                     Some((new_hash, new)) => {
-                        tokens.insert(
-                            hash,
-                            (
-                                old.user.as_str(),
-                                old.family,
-                                old.issued_at,
-                                old.expires_at,
-                                true,
-                            ),
-                        )?;
-                        tokens.insert(
-                            &new_hash,
-                            (
-                                new.user.as_str(),
-                                new.family,
-                                new.issued_at,
-                                new.expires_at,
-                                false,
-                            ),
-                        )?;
-                        Rotation::Rotated(new)
+                        let spent = RefreshRecord {
+                            spent: true,
+                            ..old.clone()
+                        };
+                        tokens.insert(hash, spent.row())?;
+                        let live = RefreshRecord {
+                            spent: false,
+                            auth_time: old.auth_time,
+                            ..new
+                        };
+                        tokens.insert(&new_hash, live.row())?;
+                        Rotation::Rotated(live)
                     }
                 },
             }
@@ -278,7 +345,7 @@ impl StateStore for RedbStore {
             let tokens = txn.open_table(REFRESH)?;
             let mut revoked = txn.open_table(REVOKED)?;
             let family = tokens.get(hash)?.map(|v| {
-                let (_, family, _, expires_at, _) = v.value();
+                let (_, family, _, expires_at, _, _) = v.value();
                 (family, expires_at)
             });
             match family {
@@ -299,7 +366,7 @@ impl StateStore for RedbStore {
             let mut tokens = txn.open_table(REFRESH)?;
             let mut revoked = txn.open_table(REVOKED)?;
             let a = tokens
-                .extract_if(|_, (_, _, _, expires_at, _)| expires_at <= now)?
+                .extract_if(|_, (_, _, _, expires_at, _, _)| expires_at <= now)?
                 .count();
             let b = revoked.extract_if(|_, until| until <= now)?.count();
             a + b
@@ -313,15 +380,10 @@ impl StateStore for RedbStore {
         let txn = self.db.begin_read()?;
         for row in txn.open_table(REFRESH)?.iter()? {
             let (k, v) = row?;
-            let (user, family, issued_at, expires_at, spent) = v.value();
-            let record = RefreshRecord {
-                user: user.to_string(),
-                family,
-                issued_at,
-                expires_at,
-                spent,
-            };
-            out.push(Record::refresh(k.value(), &record));
+            out.push(Record::refresh(
+                k.value(),
+                &RefreshRecord::from_row(v.value()),
+            ));
         }
         for row in txn.open_table(REVOKED)?.iter()? {
             let (k, v) = row?;
@@ -333,17 +395,36 @@ impl StateStore for RedbStore {
         Ok(out)
     }
 
+    /// The Redis import's rules: an import never un-spends a token, never
+    /// shortens a revocation and never moves a limiter's time back (an old
+    /// export replayed over newer state changes nothing that matters).
     fn import(&self, item: &Item) -> Result<(), StateError> {
+        let txn = self.db.begin_write()?;
         match item {
-            Item::Limit(s) => self.save_limits(std::slice::from_ref(s)),
-            Item::Refresh(hash, r) => self.insert_refresh(hash, r),
+            Item::Limit(s) => {
+                let mut table = txn.open_table(LIMITS)?;
+                let held = table.get(s.account)?.map(|v| v.value());
+                if held.is_none_or(|(_, tat_us)| tat_us < s.tat_us) {
+                    table.insert(s.account, (s.interval_us, s.tat_us))?;
+                }
+            }
+            Item::Refresh(hash, r) => {
+                let mut table = txn.open_table(REFRESH)?;
+                let held = table.get(hash)?.map(|v| RefreshRecord::from_row(v.value()));
+                let record = match held {
+                    Some(held) => held.merged(r),
+                    None => r.clone(),
+                };
+                table.insert(hash, record.row())?;
+            }
             Item::Revoked { family, until } => {
-                let txn = self.db.begin_write()?;
-                txn.open_table(REVOKED)?.insert(*family, *until)?;
-                txn.commit()?;
-                Ok(())
+                let mut table = txn.open_table(REVOKED)?;
+                let held = table.get(*family)?.map(|v| v.value()).unwrap_or(0);
+                table.insert(*family, held.max(*until))?;
             }
         }
+        txn.commit()?;
+        Ok(())
     }
 }
 
@@ -430,6 +511,7 @@ mod tests {
             issued_at,
             expires_at: issued_at + 30 * DAY,
             spent: false,
+            auth_time: NOW,
         }
     }
 
@@ -543,5 +625,100 @@ mod tests {
         assert!(!restored.check(11, &q, now + 1_000_000).allowed);
         store.forget_limits(&[11]).unwrap();
         assert!(store.load_limits().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_family_start() {
+        let (_dir, s) = store();
+        s.insert_refresh(&[1; 32], &record(7, NOW)).unwrap();
+        let rotated = s
+            .rotate_refresh(&[1; 32], NOW + 99, NOW + 30 * DAY, &mut |old| {
+                Some((
+                    [2; 32],
+                    RefreshRecord {
+                        auth_time: NOW + 99,
+                        ..record(old.family, NOW + 99)
+                    },
+                ))
+            })
+            .unwrap();
+        match rotated {
+            Rotation::Rotated(new) => assert_eq!((new.issued_at, new.auth_time), (NOW + 99, NOW)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_import_never_revives_a_spent_token_nor_moves_time_back() {
+        let (_dir, s) = store();
+        let live = record(7, NOW);
+        s.insert_refresh(&[1; 32], &live).unwrap();
+        let exported = s.export().unwrap();
+        assert!(matches!(rotate(&s, 1, 2, NOW + 10), Rotation::Rotated(_)));
+        s.save_limits(&[Snapshot {
+            account: 5,
+            interval_us: 10,
+            tat_us: NOW * 1_000_000 + 500,
+        }])
+        .unwrap();
+        s.import(&Item::Revoked {
+            family: 9,
+            until: NOW + 100,
+        })
+        .unwrap();
+        // The old export: token 1 live, an older limiter time, a shorter revocation.
+        for r in exported {
+            s.import(&Item::try_from(r).unwrap()).unwrap();
+        }
+        s.import(&Item::Limit(Snapshot {
+            account: 5,
+            interval_us: 10,
+            tat_us: NOW * 1_000_000,
+        }))
+        .unwrap();
+        s.import(&Item::Revoked {
+            family: 9,
+            until: NOW + 1,
+        })
+        .unwrap();
+        assert!(
+            matches!(rotate(&s, 1, 3, NOW + 20), Rotation::ReuseDetected { .. }),
+            "the spent token stays spent"
+        );
+        assert_eq!(s.load_limits().unwrap()[0].tat_us, NOW * 1_000_000 + 500);
+        assert!(s.export().unwrap().contains(&Record::Revoked {
+            family: format!("{:032x}", 9),
+            until: NOW + 100
+        }));
+    }
+
+    #[test]
+    fn tokens_of_the_first_table_move_over_with_their_family_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("keygate.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(REFRESH_V1).unwrap();
+                t.insert(&[1; 32], ("u_alice", 7u128, NOW, NOW + DAY, true))
+                    .unwrap();
+                t.insert(&[2; 32], ("u_alice", 7u128, NOW + 50, NOW + DAY, false))
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = RedbStore::open(dir.path()).unwrap();
+        match rotate(&s, 2, 3, NOW + 60) {
+            Rotation::Rotated(new) => assert_eq!(new.auth_time, NOW),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            rotate(&s, 1, 4, NOW + 70),
+            Rotation::ReuseDetected { .. }
+        ));
+        drop(s);
+        // Opened again: nothing left to move, nothing lost.
+        let s = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(rotate(&s, 3, 5, NOW + 80), Rotation::Revoked);
     }
 }

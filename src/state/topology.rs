@@ -186,7 +186,17 @@ fn sentinel_client(settings: &RedisSettings) -> RedisResult<SentinelClient> {
     else {
         unreachable!("sentinel_client on a non-Sentinel topology");
     };
-    let mut b = SentinelClientBuilder::new(sentinels.clone(), master, SentinelServerType::Master)?
+    let access = &settings.sentinel;
+    let sentinels = sentinels.iter().map(|addr| match addr {
+        ConnectionAddr::Tcp(host, port) if access.tls => ConnectionAddr::TcpTls {
+            host: host.clone(),
+            port: *port,
+            insecure: false,
+            tls_params: None,
+        },
+        other => other.clone(),
+    });
+    let mut b = SentinelClientBuilder::new(sentinels, master, SentinelServerType::Master)?
         .set_client_to_redis_db(*db);
     if let Some(u) = username {
         b = b.set_client_to_redis_username(u);
@@ -198,6 +208,20 @@ fn sentinel_client(settings: &RedisSettings) -> RedisResult<SentinelClient> {
         b = b.set_client_to_redis_tls_mode(TlsMode::Secure);
         if let Some(certs) = tls_certs(settings) {
             b = b.set_client_to_redis_certificates(certs);
+        }
+    }
+    // The Sentinels are servers of their own: their own password (their
+    // `requirepass`), and TLS when their `tls-port` is what is named.
+    if let Some(u) = &access.username {
+        b = b.set_client_to_sentinel_username(u);
+    }
+    if let Some(p) = &access.password {
+        b = b.set_client_to_sentinel_password(p);
+    }
+    if access.tls {
+        b = b.set_client_to_sentinel_tls_mode(TlsMode::Secure);
+        if let Some(certs) = tls_certs(settings) {
+            b = b.set_client_to_sentinel_certificates(certs);
         }
     }
     b.build()
@@ -349,13 +373,23 @@ impl redis::aio::ConnectionLike for AsyncConn {
 }
 
 /// Blocking connections for the token endpoints (which run on blocking
-/// threads beside argon2): a few kept for reuse, one dropped after any
-/// connection error.
+/// threads beside argon2): at most [`MAX_SYNC_CONNECTIONS`] open, kept for
+/// reuse, one dropped after any connection error. A call that finds them
+/// all busy waits for one (up to `token_timeout`) instead of opening
+/// another: a flood of logins costs Redis a fixed number of connections.
 pub struct SyncPool {
     settings: Arc<RedisSettings>,
-    idle: Mutex<Vec<SyncConn>>,
+    conns: Mutex<Conns>,
+    returned: std::sync::Condvar,
     cluster: Option<redis::cluster::ClusterClient>,
     sentinel: Option<Arc<Mutex<SentinelClient>>>,
+}
+
+#[derive(Default)]
+struct Conns {
+    idle: Vec<SyncConn>,
+    /// Idle and in use.
+    open: usize,
 }
 
 pub enum SyncConn {
@@ -372,7 +406,7 @@ impl SyncConn {
     }
 }
 
-const IDLE_SYNC_CONNECTIONS: usize = 8;
+pub const MAX_SYNC_CONNECTIONS: usize = 8;
 
 impl SyncPool {
     pub fn new(settings: Arc<RedisSettings>) -> RedisResult<SyncPool> {
@@ -395,7 +429,8 @@ impl SyncPool {
         };
         Ok(SyncPool {
             settings,
-            idle: Mutex::new(Vec::new()),
+            conns: Mutex::default(),
+            returned: std::sync::Condvar::new(),
             cluster,
             sentinel,
         })
@@ -406,22 +441,66 @@ impl SyncPool {
         &self,
         f: impl FnOnce(&mut dyn redis::ConnectionLike) -> RedisResult<T>,
     ) -> RedisResult<T> {
-        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match reused {
+        let mut conn = match self.take()? {
             Some(c) => c,
-            None => self.connect()?,
+            None => match self.connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.release(None);
+                    return Err(e);
+                }
+            },
         };
         let result = f(conn.as_dyn());
         match &result {
-            Err(e) if connection_lost(e) => {}
-            _ => {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                if idle.len() < IDLE_SYNC_CONNECTIONS {
-                    idle.push(conn);
-                }
-            }
+            Err(e) if connection_lost(e) => self.release(None),
+            _ => self.release(Some(conn)),
         }
         result
+    }
+
+    /// An idle connection, or `None` with a place to open one; waits while
+    /// all [`MAX_SYNC_CONNECTIONS`] are in use.
+    fn take(&self) -> RedisResult<Option<SyncConn>> {
+        let deadline = std::time::Instant::now() + self.settings.token_timeout;
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(c) = conns.idle.pop() {
+                return Ok(Some(c));
+            }
+            if conns.open < MAX_SYNC_CONNECTIONS {
+                conns.open += 1;
+                return Ok(None);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "every Redis connection of the token endpoints stayed busy",
+                )));
+            }
+            conns = self
+                .returned
+                .wait_timeout(conns, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Give a connection back, or (`None`) give up its place.
+    fn release(&self, conn: Option<SyncConn>) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        match conn {
+            Some(c) => conns.idle.push(c),
+            None => conns.open -= 1,
+        }
+        drop(conns);
+        self.returned.notify_one();
+    }
+
+    /// Connections open now (idle and in use).
+    pub fn open(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).open
     }
 
     fn connect(&self) -> RedisResult<SyncConn> {

@@ -2,6 +2,7 @@
 //! picks itself, the real `keygate` binary in front of it, and an HTTP client.
 #![allow(dead_code, unused_imports)]
 
+pub mod delay;
 pub mod h2raw;
 pub mod redis;
 pub mod seed;
@@ -128,6 +129,18 @@ impl Keygate {
         self.wait_healthy()
     }
 
+    /// SIGTERM, and wait until it has exited.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let _ = self.child.wait();
+    }
+
+    /// Start again (after [`Keygate::stop`]) on the same file, ports and
+    /// state directory.
+    pub fn start_again(&mut self) {
+        self.spawn(&[]);
+    }
+
     /// `kill -9`, then start again on the same file, ports and state directory.
     pub fn kill9_and_restart(&mut self) {
         self.signal("KILL");
@@ -217,6 +230,18 @@ impl Drop for Keygate {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A client whose connections come from `local` (any 127.0.0.0/8 address):
+/// from 127.0.0.2, the test config's trusted proxy, it speaks for whoever
+/// its `X-Forwarded-For` names.
+pub fn client_at(local: &str) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .local_address(local.parse::<std::net::IpAddr>().expect("an address"))
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client")
 }
 
 pub fn client() -> reqwest::blocking::Client {

@@ -363,3 +363,74 @@ impl RedisTls {
     }
 }
 
+/// One master (plain, no password) and one Sentinel watching it that asks
+/// for its own password (`requirepass`) and speaks only TLS, with a
+/// certificate for 127.0.0.1 signed by a CA made for the test (`ca`).
+pub struct GuardedSentinel {
+    pub master: RedisServer,
+    pub sentinel: RedisServer,
+    pub ca: std::path::PathBuf,
+    pub password: &'static str,
+}
+
+impl GuardedSentinel {
+    pub fn start() -> GuardedSentinel {
+        let master = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &str| {
+            let out = Command::new("openssl")
+                .current_dir(dir.path())
+                .args(args.split_whitespace())
+                .output()
+                .expect("run openssl");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "openssl {args}: {err}");
+        };
+        openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=keygate-test-ca");
+        openssl("req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost");
+        std::fs::write(dir.path().join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl("x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 1 -extfile ext");
+        let password = "sentinel-test-password";
+        let port = super::free_port();
+        let conf = format!(
+            "port 0\ntls-port {port}\nbind 127.0.0.1\ntls-cert-file srv.pem\ntls-key-file srv.key\n\
+             tls-ca-cert-file ca.pem\ntls-auth-clients no\nrequirepass {password}\n\
+             sentinel monitor {n} 127.0.0.1 {m} 1\nsentinel down-after-milliseconds {n} 1000\n",
+            n = RedisSentinel::NAME,
+            m = master.port
+        );
+        std::fs::write(dir.path().join("sentinel.conf"), conf).unwrap();
+        let child = Command::new("redis-server")
+            .current_dir(dir.path())
+            .args(["sentinel.conf", "--sentinel"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel with TLS");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the TLS sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ca = dir.path().join("ca.pem");
+        GuardedSentinel {
+            master,
+            sentinel: RedisServer {
+                child,
+                port,
+                stopped: false,
+                _dir: Some(dir),
+            },
+            ca,
+            password,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "redis+sentinel://127.0.0.1:{}/{}",
+            self.sentinel.port,
+            RedisSentinel::NAME
+        )
+    }
+}

@@ -228,7 +228,7 @@ impl Cx<'_> {
             resumption,
             client_ca,
         });
-        let config = match config {
+        let (config, client_trust) = match config {
             Ok(c) => c,
             Err(e) => {
                 self.d.error(span, e);
@@ -244,6 +244,7 @@ impl Cx<'_> {
             handshake_timeout,
             client_auth,
             http2,
+            client_trust,
             summary,
         }))
     }

@@ -25,11 +25,9 @@ fn worker(upstream_port: u16, state: &std::path::Path) -> Rc<Worker> {
         shared: Arc::new(Shared {
             store: Arc::new(PolicyStore::new(std::path::Path::new("test.toml"), policy)),
             limiter: limiter.clone(),
-            issuer: Arc::new(Issuer {
-                store,
-                throttles: limiter,
-            }),
+            issuer: Arc::new(Issuer::new(store, limiter)),
             fleet: None,
+            connections: Arc::default(),
         }),
         redis: Default::default(),
         lanes: Default::default(),
