@@ -36,6 +36,7 @@ pub struct Metrics {
     pub login_throttled: IntCounter,
     pub login_verifications: IntCounter,
     pub login_overloaded: IntCounter,
+    pub login_busy: IntCounter,
     pub login_admitted: IntGauge,
     pub connections_refused: IntCounterVec,
     pub connections_open: IntGauge,
@@ -194,7 +195,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("register keygate_auth_denials_total"),
         redis_calls: register_int_counter_vec!(
             "keygate_redis_calls_total",
-            "Calls to the shared state store (Redis), by operation and outcome (ok, error, timeout, skipped while the breaker is open).",
+            "Calls to the shared state store (Redis), by operation and outcome (ok, error, timeout, skipped while the breaker is open, busy: the token endpoints' connections all stayed in use).",
             &["op", "outcome"]
         )
         .expect("register keygate_redis_calls_total"),
@@ -277,6 +278,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Logins refused with 503 overloaded: the verification queue was full."
         )
         .expect("register keygate_login_overloaded_total"),
+        login_busy: register_int_counter!(
+            "keygate_login_busy_total",
+            "Logins refused with 429 login_throttled because another login for the same email or from the same address was being checked."
+        )
+        .expect("register keygate_login_busy_total"),
         login_admitted: register_int_gauge!(
             "keygate_login_admitted",
             "Logins admitted now: verifying, or waiting for a verification permit."

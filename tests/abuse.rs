@@ -195,6 +195,84 @@ fn parallel_wrong_logins_evaluate_at_most_the_configured_number() {
 }
 
 #[test]
+fn two_sidecars_check_at_most_the_limit_between_them() {
+    // One attempt in flight per email is per sidecar: with two, only
+    // spending before the check keeps parallel guesses within the limit.
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let cfg = with_redis(&login_config(1, 1000), &redis.url(), "timeout = \"1s\"");
+    let (a, b) = (
+        Arc::new(Keygate::start(&cfg, upstream.port)),
+        Arc::new(Keygate::start(&cfg, upstream.port)),
+    );
+    let mut evaluated = 0;
+    for wave in 0..4 {
+        let (a, b) = (a.clone(), b.clone());
+        let answers = parallel(8, move |i| {
+            let kg = if i % 2 == 0 { &a } else { &b };
+            let (s, code, _, _) = login_as(
+                kg,
+                "127.0.0.2",
+                Some(&format!("203.0.{wave}.{}", i + 1)),
+                "alice@example.com",
+                "not the password",
+            );
+            (s, code)
+        });
+        evaluated += count(&answers, 401);
+        assert_eq!(
+            count(&answers, 401) + count(&answers, 429),
+            8,
+            "{answers:?}"
+        );
+    }
+    assert!(evaluated <= 1, "{evaluated} checks; the limit is 1");
+}
+
+#[test]
+fn a_throttled_address_cannot_hold_a_victims_email_busy() {
+    let upstream = Upstream::start();
+    let kg = Arc::new(Keygate::start(&login_config(10, 1), upstream.port));
+    // The attacker's one attempt, then a stream of refused ones for dana.
+    let (status, _, _, _) = login_as(&kg, "127.0.0.2", Some("203.0.113.66"), "x@example.com", "x");
+    assert_eq!(status, 401);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let (kg, stop) = (kg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, ..) = login_as(
+                        &kg,
+                        "127.0.0.2",
+                        Some("203.0.113.66"),
+                        "dana@example.com",
+                        "guess",
+                    );
+                    assert_eq!(status, 429);
+                }
+            })
+        })
+        .collect();
+    // dana, from her own address, is never told to wait.
+    for _ in 0..20 {
+        let (status, code, _, _) = login_as(
+            &kg,
+            "127.0.0.2",
+            Some("198.51.100.5"),
+            "dana@example.com",
+            PASSWORD,
+        );
+        assert_eq!(status, 200, "{code}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.join().unwrap();
+    }
+    assert_eq!(kg.metric("keygate_login_failures_total"), 1.0);
+}
+
+#[test]
 fn a_login_flood_keeps_memory_bounded_and_answers_503_when_the_queue_is_full() {
     let upstream = Upstream::start();
     let kg = Arc::new(Keygate::start(&login_config(10, 1000), upstream.port));
@@ -890,6 +968,32 @@ fn a_refresh_family_forged_in_redis_is_refused() {
     let (status, body) = refresh(&token);
     assert_eq!(status, 401, "a forged family minted tokens: {body}");
     assert!(kg.metric(r#"keygate_state_errors_total{op="unauthenticated_record"}"#) >= 1.0);
+    // A real family of dana's, signed by keygate, handed to alice (its MAC
+    // kept), or given the MAC of another family: refused either way.
+    let login = |email: &str| -> String {
+        let r = client()
+            .post(kg.url("/api/v1/auth/token"))
+            .json(&json!({"email": email, "password": PASSWORD}))
+            .send()
+            .unwrap();
+        r.json::<Value>().unwrap()["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let family_of = |token: &str| {
+        let family = redis.bulk(&format!("GET kg-abuse:rt:{{{}}}", sha256_hex(token)));
+        format!("kg-abuse:fam:{{{family}}}")
+    };
+    let dana = login("dana@example.com");
+    let key = family_of(&dana);
+    let _ = redis.command(&["HSET", &key, "u", "u_alice"]);
+    assert_eq!(refresh(&dana).0, 401, "a family moved to another user");
+    let dana2 = login("dana@example.com");
+    let other = login("dana@example.com");
+    let their_mac = redis.bulk(&format!("HGET {} m", family_of(&other)));
+    let _ = redis.command(&["HSET", &family_of(&dana2), "m", &their_mac]);
+    assert_eq!(refresh(&dana2).0, 401, "another family's MAC");
     // Real families still rotate.
     let r = client()
         .post(kg.url("/api/v1/auth/token"))
@@ -898,6 +1002,91 @@ fn a_refresh_family_forged_in_redis_is_refused() {
         .unwrap();
     let t: Value = r.json().unwrap();
     assert_eq!(refresh(t["refresh_token"].as_str().unwrap()).0, 200);
+}
+
+#[test]
+fn record_keys_rotate_and_unsigned_families_pass_only_when_allowed() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let base = with_redis(&config_with_passwords(), &redis.url(), "timeout = \"1s\"");
+    let mut kg = Keygate::start(&base, upstream.port);
+    let login = |kg: &Keygate| -> String {
+        let r = client()
+            .post(kg.url("/api/v1/auth/token"))
+            .json(&json!({"email": "alice@example.com", "password": PASSWORD}))
+            .send()
+            .unwrap();
+        r.json::<Value>().unwrap()["refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let refresh = |kg: &Keygate, token: &str| -> (u16, String) {
+        let r = client()
+            .post(kg.url("/api/v1/auth/refresh"))
+            .json(&json!({"refresh_token": token}))
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().unwrap();
+        (
+            status,
+            v["refresh_token"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let signed_by_old = login(&kg);
+    let also_old = login(&kg);
+    // A new key, the old one kept as previous: old families still rotate
+    // (and are signed with the new key as they do).
+    let rotated = base.replace(
+        &format!("record_key = \"{RECORD_KEY}\""),
+        &format!(
+            "record_key = \"new-record-key-of-32-bytes-or-more-xx\"\nprevious_record_key_file = \"{}\"",
+            kg.dir.path().join("old.key").display()
+        ),
+    );
+    std::fs::write(kg.dir.path().join("old.key"), RECORD_KEY).unwrap();
+    kg.stop();
+    kg.write_config(&rotated, upstream.port);
+    kg.start_again();
+    let (status, next) = refresh(&kg, &signed_by_old);
+    assert_eq!(status, 200);
+    // The previous key dropped: what the new one signed rotates, what only
+    // the old one signed does not.
+    let new_only = rotated.replace(
+        &format!(
+            "\nprevious_record_key_file = \"{}\"",
+            kg.dir.path().join("old.key").display()
+        ),
+        "",
+    );
+    kg.stop();
+    kg.write_config(&new_only, upstream.port);
+    kg.start_again();
+    assert_eq!(refresh(&kg, &next).0, 200);
+    assert_eq!(refresh(&kg, &also_old).0, 401);
+    // A family written before keygate signed them (no MAC at all): refused,
+    // unless accept_unsigned_records; then signed as it rotates.
+    let token = login(&kg);
+    let family = redis.bulk(&format!("GET kg-abuse:rt:{{{}}}", sha256_hex(&token)));
+    let _ = redis.command(&["HDEL", &format!("kg-abuse:fam:{{{family}}}"), "m"]);
+    let token2 = login(&kg);
+    let family2 = redis.bulk(&format!("GET kg-abuse:rt:{{{}}}", sha256_hex(&token2)));
+    let _ = redis.command(&["HDEL", &format!("kg-abuse:fam:{{{family2}}}"), "m"]);
+    assert_eq!(refresh(&kg, &token).0, 401);
+    kg.stop();
+    kg.write_config(
+        // [state] is the last section.
+        &format!("{new_only}accept_unsigned_records = true\n"),
+        upstream.port,
+    );
+    kg.start_again();
+    let (status, signed) = refresh(&kg, &token2);
+    assert_eq!(status, 200);
+    kg.stop();
+    kg.write_config(&new_only, upstream.port);
+    kg.start_again();
+    assert_eq!(refresh(&kg, &signed).0, 200, "signed at its rotation");
 }
 
 #[test]

@@ -72,6 +72,12 @@ pub struct State {
     pub record_key_env: Option<Str>,
     pub record_key_file: Option<Str>,
     pub record_key: Option<Str>,
+    /// The key before the last rotation: records it signed still verify.
+    pub previous_record_key_env: Option<Str>,
+    pub previous_record_key_file: Option<Str>,
+    /// Accept family records written before keygate signed them (an
+    /// upgrade); they are signed at their next rotation.
+    pub accept_unsigned_records: Option<Spanned<bool>>,
     /// The Sentinels' own credentials (`redis+sentinel://` urls).
     pub sentinel_username: Option<Str>,
     pub sentinel_password_env: Option<Str>,

@@ -18,23 +18,22 @@ pub struct InFlight {
     busy: Mutex<HashSet<AccountId>>,
 }
 
-/// Held while an attempt runs; frees its accounts when dropped.
+/// Held while an attempt runs; frees its account when dropped.
 pub struct Busy {
     owner: Arc<InFlight>,
-    accounts: [AccountId; 2],
+    account: AccountId,
 }
 
 impl InFlight {
-    /// Mark both accounts busy, or neither when one already is.
-    pub fn claim(self: &Arc<Self>, accounts: [AccountId; 2]) -> Option<Busy> {
+    /// Mark `account` busy, or `None` when it already is.
+    pub fn claim(self: &Arc<Self>, account: AccountId) -> Option<Busy> {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        if accounts.iter().any(|a| busy.contains(a)) {
+        if !busy.insert(account) {
             return None;
         }
-        busy.extend(accounts);
         Some(Busy {
             owner: self.clone(),
-            accounts,
+            account,
         })
     }
 }
@@ -42,33 +41,65 @@ impl InFlight {
 impl Drop for Busy {
     fn drop(&mut self) {
         let mut busy = self.owner.busy.lock().unwrap_or_else(|e| e.into_inner());
-        for a in &self.accounts {
-            busy.remove(a);
+        busy.remove(&self.account);
+    }
+}
+
+/// A counted stage: at most `capacity` inside at once.
+pub struct Stage {
+    inside: AtomicUsize,
+    capacity: usize,
+    gauge: bool,
+}
+
+/// A place in a [`Stage`], given back when dropped.
+pub struct Entered(Arc<Stage>);
+
+impl Stage {
+    fn new(capacity: usize, gauge: bool) -> Arc<Stage> {
+        Arc::new(Stage {
+            inside: AtomicUsize::new(0),
+            capacity,
+            gauge,
+        })
+    }
+
+    /// A place, or `None` when the stage is full.
+    pub fn enter(self: &Arc<Self>) -> Option<Entered> {
+        if self.inside.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.inside.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        if self.gauge {
+            METRICS.login_admitted.inc();
+        }
+        Some(Entered(self.clone()))
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.inside.fetch_sub(1, Ordering::AcqRel);
+        if self.0.gauge {
+            METRICS.login_admitted.dec();
         }
     }
 }
 
-/// Logins admitted at once: at most `permits` verifying, each on a thread
-/// of a fixed pool of that size, and at most `queue` more waiting for one.
-/// Past that, 503 `overloaded`.
+/// Logins admitted at once, in two stages: spending their throttle units
+/// (a Redis call in a fleet: at most `16 × permits`, so a slow Redis does
+/// not pile up blocking threads), then verifying: at most `permits` at
+/// once, each on a thread of a fixed pool of that size, and at most
+/// `queue` more waiting for one. Past either, 503 `overloaded`; an attempt
+/// the throttles refused never takes a verification place.
 pub struct Work {
     jobs: mpsc::Sender<Job>,
-    admitted: AtomicUsize,
-    capacity: usize,
+    pub spending: Arc<Stage>,
+    pub verifying: Arc<Stage>,
     pub permits_total: usize,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
-
-/// An admitted login; the admission ends when it is dropped.
-pub struct Admitted(Arc<Work>);
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
-        METRICS.login_admitted.dec();
-    }
-}
 
 impl Work {
     /// `permits` verifier threads (at least 1), `queue` logins waiting.
@@ -93,11 +124,12 @@ impl Work {
                 Err(e) => tracing::error!(error = %e, "cannot start a login verifier thread"),
             }
         }
+        let permits = started.max(1);
         Work {
             jobs,
-            admitted: AtomicUsize::new(0),
-            capacity: started.max(1) + queue,
-            permits_total: started.max(1),
+            spending: Stage::new(16 * permits, false),
+            verifying: Stage::new(permits + queue, true),
+            permits_total: permits,
         }
     }
 
@@ -106,16 +138,6 @@ impl Work {
     pub fn for_this_machine() -> Work {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Work::new(cores, 4 * cores)
-    }
-
-    /// A place among the admitted logins, or `None` when they are full.
-    pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
-        if self.admitted.fetch_add(1, Ordering::AcqRel) >= self.capacity {
-            self.admitted.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        METRICS.login_admitted.inc();
-        Some(Admitted(self.clone()))
     }
 
     /// Run `f` on a verifier thread, in turn. `f` is told whether anyone
@@ -142,22 +164,23 @@ mod tests {
     #[test]
     fn one_attempt_per_account_at_a_time() {
         let f = Arc::new(InFlight::default());
-        let a = f.claim([1, 2]).expect("free");
-        assert!(f.claim([1, 3]).is_none(), "same address");
-        assert!(f.claim([4, 2]).is_none(), "same email");
-        let b = f.claim([3, 4]).expect("others are free");
+        let a = f.claim(1).expect("free");
+        assert!(f.claim(1).is_none());
+        let b = f.claim(2).expect("others are free");
         drop(a);
-        assert!(f.claim([1, 2]).is_some());
+        assert!(f.claim(1).is_some());
         drop(b);
     }
 
     #[test]
     fn admissions_past_permits_and_queue_are_refused() {
-        let w = Arc::new(Work::new(2, 3));
-        let held: Vec<_> = (0..5).map(|_| w.admit().expect("room")).collect();
-        assert!(w.admit().is_none());
+        let w = Work::new(2, 3);
+        let held: Vec<_> = (0..5).map(|_| w.verifying.enter().expect("room")).collect();
+        assert!(w.verifying.enter().is_none());
         drop(held);
-        assert!(w.admit().is_some());
+        assert!(w.verifying.enter().is_some());
+        let spending: Vec<_> = (0..40).filter_map(|_| w.spending.enter()).collect();
+        assert_eq!(spending.len(), 32, "16 per verifier spend at once");
     }
 }
 

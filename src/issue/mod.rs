@@ -43,6 +43,9 @@ pub enum IssueError {
     LoginThrottled {
         retry_after_secs: u64,
     },
+    /// Another login for this email, or from this address, is being
+    /// checked: 429 `login_throttled`, `Retry-After: 1`.
+    LoginBusy,
     InvalidRefreshToken(&'static str),
     /// The shared store (Redis) cannot be reached: never a spent token
     /// accepted, never a 500.
@@ -59,7 +62,7 @@ impl IssueError {
             IssueError::PayloadTooLarge(_) => 413,
             IssueError::InvalidCredentials | IssueError::InvalidRefreshToken(_) => 401,
             IssueError::IpNotAllowed => 403,
-            IssueError::LoginThrottled { .. } => 429,
+            IssueError::LoginThrottled { .. } | IssueError::LoginBusy => 429,
             IssueError::StateUnavailable | IssueError::Overloaded => 503,
             IssueError::Internal => 500,
         }
@@ -71,7 +74,7 @@ impl IssueError {
             IssueError::PayloadTooLarge(_) => "payload_too_large",
             IssueError::InvalidCredentials => "invalid_credentials",
             IssueError::IpNotAllowed => "ip_not_allowed",
-            IssueError::LoginThrottled { .. } => "login_throttled",
+            IssueError::LoginThrottled { .. } | IssueError::LoginBusy => "login_throttled",
             IssueError::InvalidRefreshToken(_) => "invalid_refresh_token",
             IssueError::StateUnavailable => "state_unavailable",
             IssueError::Overloaded => "overloaded",
@@ -88,7 +91,12 @@ impl IssueError {
             IssueError::InvalidCredentials => "the email or password is wrong".to_string(),
             IssueError::IpNotAllowed => "requests from this address are not allowed".to_string(),
             IssueError::LoginThrottled { .. } => {
-                "too many failed logins; see Retry-After".to_string()
+                "too many login attempts; see Retry-After".to_string()
+            }
+            IssueError::LoginBusy => {
+                "another login for this account or from this address is being checked; \
+                 retry in a second"
+                    .to_string()
             }
             IssueError::InvalidRefreshToken(why) => format!("the refresh token is invalid: {why}"),
             IssueError::StateUnavailable => {
@@ -116,7 +124,9 @@ impl IssueError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             IssueError::LoginThrottled { retry_after_secs } => Some(*retry_after_secs),
-            IssueError::StateUnavailable | IssueError::Overloaded => Some(1),
+            IssueError::StateUnavailable | IssueError::Overloaded | IssueError::LoginBusy => {
+                Some(1)
+            }
             _ => None,
         }
     }
@@ -170,6 +180,17 @@ fn store_failed(what: &str, e: StateError) -> IssueError {
     }
 }
 
+/// Another attempt for this address or email is being checked.
+fn busy() -> IssueError {
+    METRICS.login_busy.inc();
+    IssueError::LoginBusy
+}
+
+fn overloaded() -> IssueError {
+    METRICS.login_overloaded.inc();
+    IssueError::Overloaded
+}
+
 /// Run blocking `f` on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, IssueError> + Send + 'static,
@@ -209,12 +230,18 @@ impl Issuer {
     /// user's allowlist all cost one argon2 verification, spend a throttle
     /// unit and answer the same `401 invalid_credentials`.
     ///
-    /// Bounded whatever is sent: one attempt in flight per email and per
-    /// client address (else 429 `login_throttled`); the throttles spent
-    /// *before* the verification (refunded on success), so n parallel
-    /// guesses cost n units and at most the quota is ever evaluated; and
-    /// at most [`Issuer::verification_permits`] verifications at once,
-    /// behind a short queue (else 503 `overloaded`).
+    /// Bounded whatever is sent:
+    /// - the client address first: one attempt in flight per address (else
+    ///   429, `Retry-After: 1`), and its throttle unit spent; only an
+    ///   attempt that passed that touches the email, so a throttled address
+    ///   cannot hold anyone's email busy;
+    /// - then the email: one attempt in flight, its unit spent;
+    /// - both units spent *before* the verification (refunded on success),
+    ///   so n parallel guesses cost n units and at most the quota is ever
+    ///   checked;
+    /// - at most [`Issuer::verification_permits`] verifications at once,
+    ///   behind a short queue (else 503 `overloaded`, the units refunded);
+    ///   a login whose client went away while it queued is not verified.
     pub async fn login(
         self: Arc<Self>,
         policy: Arc<Policy>,
@@ -232,31 +259,48 @@ impl Issuer {
         }
         let email = body.email.trim().to_ascii_lowercase();
         let bucket = crate::policy::address_bucket(client_ip, policy.server.ipv6_prefix);
-        let by_ip = account_id("login-ip", &bucket.to_string());
-        let by_email = account_id("login-email", &email);
-        let Some(busy) = self.in_flight.claim([by_ip, by_email]) else {
-            METRICS.login_throttled.inc();
-            return Err(IssueError::LoginThrottled {
-                retry_after_secs: 1,
-            });
+        let by_ip = (
+            account_id("login-ip", &bucket.to_string()),
+            policy.auth.login_per_ip,
+        );
+        let by_email = (
+            account_id("login-email", &email),
+            policy.auth.login_per_email,
+        );
+        let ip_busy = self.in_flight.claim(by_ip.0).ok_or_else(busy)?;
+        let Some(spending) = self.work.spending.enter() else {
+            return Err(overloaded());
         };
-        let Some(admitted) = self.work.admit() else {
-            METRICS.login_overloaded.inc();
-            return Err(IssueError::Overloaded);
-        };
-        let throttles = [
-            (by_ip, policy.auth.login_per_ip),
-            (by_email, policy.auth.login_per_email),
-        ];
         let spender = self.clone();
-        blocking(move || spender.spend(&throttles, now_us)).await?;
+        blocking(move || spender.spend(&[by_ip], now_us)).await?;
+        let Some(email_busy) = self.in_flight.claim(by_email.0) else {
+            self.refund_later(vec![by_ip], now_us);
+            return Err(busy());
+        };
+        let spender = self.clone();
+        blocking(move || {
+            let spent = spender.spend(&[by_email], now_us);
+            if spent.is_err() {
+                spender.refund(&[by_ip], now_us);
+            }
+            spent
+        })
+        .await?;
+        drop(spending);
+        let throttles = [by_ip, by_email];
+        let Some(admitted) = self.work.verifying.enter() else {
+            self.refund_later(throttles.to_vec(), now_us);
+            return Err(overloaded());
+        };
         let issuer = self.clone();
+        let runtime = tokio::runtime::Handle::current();
         let verified = self.work.run(move |wanted| {
-            let (_busy, _admitted) = (busy, admitted);
+            let _held = (ip_busy, email_busy, admitted);
             if !wanted {
                 // The client went away while this queued: no verification,
-                // and the attempt costs nothing.
-                issuer.refund(&throttles, now_us);
+                // and the attempt costs nothing (refunded off this thread:
+                // a Redis call must not hold a verifier).
+                runtime.spawn_blocking(move || issuer.refund(&throttles, now_us));
                 return Err(IssueError::Internal);
             }
             let user = policy.user_by_email(&email);
@@ -298,8 +342,8 @@ impl Issuer {
 
     /// Spend one unit of each throttle, or none: a refused attempt is
     /// 429 and leaves the others as they were.
-    fn spend(&self, throttles: &[(AccountId, Quota); 2], now_us: u64) -> Result<(), IssueError> {
-        let mut spent = Vec::with_capacity(2);
+    fn spend(&self, throttles: &[(AccountId, Quota)], now_us: u64) -> Result<(), IssueError> {
+        let mut spent = Vec::with_capacity(throttles.len());
         for (account, quota) in throttles {
             let outcome = self
                 .throttles
@@ -315,6 +359,12 @@ impl Issuer {
             spent.push((*account, *quota));
         }
         Ok(())
+    }
+
+    /// [`Issuer::refund`] on the blocking pool, not waited for.
+    fn refund_later(self: &Arc<Self>, throttles: Vec<(AccountId, Quota)>, now_us: u64) {
+        let issuer = self.clone();
+        tokio::task::spawn_blocking(move || issuer.refund(&throttles, now_us));
     }
 
     /// Give back one unit of each throttle (best effort: a failed refund

@@ -373,6 +373,8 @@ impl Cx<'_> {
                     &s.record_key_env,
                     &s.record_key_file,
                     &s.record_key,
+                    &s.previous_record_key_env,
+                    &s.previous_record_key_file,
                     &s.sentinel_username,
                     &s.sentinel_password_env,
                     &s.sentinel_password_file,
@@ -382,6 +384,7 @@ impl Cx<'_> {
                 .map(|f| f.span())
                 .chain(s.fleet_size.as_ref().map(|f| f.span()))
                 .chain(s.sentinel_tls.as_ref().map(|f| f.span()))
+                .chain(s.accept_unsigned_records.as_ref().map(|f| f.span()))
                 .next();
             if let Some(span) = redis_only {
                 self.d
@@ -531,6 +534,19 @@ impl Cx<'_> {
             );
             return None;
         }
+        let previous_record_key =
+            if s.previous_record_key_env.is_some() || s.previous_record_key_file.is_some() {
+                let key = self.secret(
+                url.span(),
+                &s.previous_record_key_env,
+                &s.previous_record_key_file,
+                &None,
+                "[state] previous_record_key (previous_record_key_env or previous_record_key_file)",
+            )?;
+                Some(key.into_boxed_slice())
+            } else {
+                None
+            };
         let is_sentinel = matches!(topology, Topology::Sentinel { .. });
         let sentinel_fields = [
             &s.sentinel_username,
@@ -594,6 +610,11 @@ impl Cx<'_> {
             tls_ca,
             key_prefix,
             record_key: record_key.into(),
+            previous_record_key,
+            accept_unsigned_records: s
+                .accept_unsigned_records
+                .as_ref()
+                .is_some_and(|a| *a.get_ref()),
             sentinel,
             timeout: self.duration_or(s.timeout.as_ref(), Duration::from_millis(25)),
             connect_timeout: self.duration_or(s.connect_timeout.as_ref(), Duration::from_secs(1)),

@@ -304,6 +304,11 @@ pub struct RedisSettings {
     /// `record_key`: HMAC-SHA256 key of refresh-family records (see
     /// `state::families`).
     pub record_key: Box<[u8]>,
+    /// `previous_record_key`: records it signed still verify (a rotation).
+    pub previous_record_key: Option<Box<[u8]>>,
+    /// `accept_unsigned_records`: records without a MAC (written before
+    /// keygate signed them) are accepted, and signed at their next rotation.
+    pub accept_unsigned_records: bool,
     /// How to reach the Sentinels themselves (`redis+sentinel://` urls).
     pub sentinel: SentinelAccess,
     /// With `on_error_limits = "local"`, each sidecar's fallback limiter
@@ -319,6 +324,8 @@ impl PartialEq for RedisSettings {
             == (&o.url, &o.password, &o.tls_ca, &o.key_prefix)
             && self.token_timeout == o.token_timeout
             && self.record_key == o.record_key
+            && self.previous_record_key == o.previous_record_key
+            && self.accept_unsigned_records == o.accept_unsigned_records
             && self.sentinel == o.sentinel
             && (
                 self.timeout,
@@ -377,7 +384,7 @@ pub fn redact_url(url: &str) -> String {
                 out.push('&');
             }
             match pair.split_once('=') {
-                Some((k, _)) if ["pass", "password"].contains(&k.to_ascii_lowercase().as_str()) => {
+                Some((k, _)) if is_password_key(k) => {
                     out.push_str(k);
                     out.push_str("=***");
                 }
@@ -386,6 +393,36 @@ pub fn redact_url(url: &str) -> String {
         }
     }
     out
+}
+
+/// `pass` or `password`, in any case and however percent-encoded (the
+/// url parser decodes query keys before it reads them).
+fn is_password_key(key: &str) -> bool {
+    let mut decoded = Vec::with_capacity(key.len());
+    let bytes = key.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                decoded.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    decoded.eq_ignore_ascii_case(b"pass") || decoded.eq_ignore_ascii_case(b"password")
 }
 
 fn redact_userinfo(url: &str) -> String {
@@ -431,6 +468,10 @@ mod redact_tests {
         assert_eq!(
             redact_url("unix:///r.sock?PASSWORD=s3cret"),
             "unix:///r.sock?PASSWORD=***"
+        );
+        assert_eq!(
+            redact_url("unix:///r.sock?p%61ss=s3cret"),
+            "unix:///r.sock?p%61ss=***"
         );
     }
 }

@@ -155,7 +155,7 @@ where
         next = match head {
             Ok(head) => client.exchange(&worker, head).await,
             Err(e) => {
-                client.refuse_head(e).await;
+                client.refuse_head(&worker, e).await;
                 Next::Linger
             }
         };
@@ -1219,7 +1219,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// A malformed head: the documented JSON error, then close.
-    async fn refuse_head(&mut self, e: WireError) {
+    async fn refuse_head(&mut self, worker: &Worker, e: WireError) {
+        let started = Instant::now();
         let request_id = request_id(None);
         let refusal = Refusal::Wire(e);
         let status = refusal.status();
@@ -1235,11 +1236,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         );
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(&body);
-        let _ = send(&mut self.stream, &self.out).await;
+        let sent = send(&mut self.stream, &self.out).await.is_ok();
         METRICS
             .auth_denials
             .with_label_values(&["invalid_request"])
             .inc();
+        // Its line too: a request that could not be read is still one.
+        let policy = worker.shared.store.load();
+        if policy.log.access != crate::policy::AccessLog::Off {
+            let bytes_out = if sent { self.out.len() as u64 } else { 0 };
+            access_log::with_now(|time| {
+                access_log::write(
+                    policy.log.access,
+                    &access_log::Entry {
+                        time,
+                        request_id: &request_id,
+                        client_ip: Some(self.peer),
+                        method: "-",
+                        path: "-",
+                        route: "unmatched",
+                        status,
+                        upstream_status: None,
+                        forwarded: false,
+                        principal: None,
+                        auth_method: None,
+                        key_id: None,
+                        tier: None,
+                        code: Some(refusal.code()),
+                        bytes_in: 0,
+                        bytes_out,
+                        user_agent: None,
+                        upstream_ms: None,
+                        total_ms: access_log::ms(started.elapsed()),
+                    },
+                )
+            });
+        }
         METRICS
             .requests
             .with_label_values(&[

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use redis::Script;
 
 use super::migrate::{Item, Record};
-use super::topology::SyncPool;
+use super::topology::{PoolError, SyncPool};
 use super::{RefreshRecord, Rotation, StateError, StateStore, TokenHash};
 use crate::limit::{AccountId, Outcome, Quota, Snapshot};
 use crate::metrics::METRICS;
@@ -107,8 +107,11 @@ return existed
 pub struct RedisStore {
     pool: SyncPool,
     prefix: Box<str>,
-    /// `[state] record_key`: authenticates family records.
+    /// `[state] record_key`: authenticates family records; with the
+    /// previous key (a rotation) and whether unsigned records pass.
     record_key: Box<[u8]>,
+    previous_record_key: Option<Box<[u8]>>,
+    accept_unsigned: bool,
     insert: Script,
     rotate: Script,
     revoke: Script,
@@ -120,10 +123,14 @@ impl RedisStore {
     pub fn new(settings: Arc<RedisSettings>) -> Result<RedisStore, StateError> {
         let prefix = settings.key_prefix.clone();
         let record_key = settings.record_key.clone();
+        let previous_record_key = settings.previous_record_key.clone();
+        let accept_unsigned = settings.accept_unsigned_records;
         Ok(RedisStore {
             pool: SyncPool::new(settings).map_err(|e| unavailable("setup", &e))?,
             prefix,
             record_key,
+            previous_record_key,
+            accept_unsigned,
             insert: Script::new(INSERT),
             rotate: Script::new(ROTATE),
             revoke: Script::new(REVOKE),
@@ -155,7 +162,15 @@ impl RedisStore {
                     .observe(started.elapsed().as_secs_f64());
                 Ok(v)
             }
-            Err(e) => {
+            // Contention for the pool is not Redis being down: state_up
+            // stays as it is.
+            Err(PoolError::Busy) => {
+                METRICS.redis_calls.with_label_values(&[op, "busy"]).inc();
+                Err(StateError::Unavailable(format!(
+                    "Redis {op}: every connection of the token endpoints stayed busy"
+                )))
+            }
+            Err(PoolError::Redis(e)) => {
                 let outcome = if e.is_timeout() { "timeout" } else { "error" };
                 METRICS.redis_calls.with_label_values(&[op, outcome]).inc();
                 Err(unavailable(op, &e))
@@ -172,19 +187,24 @@ impl RedisStore {
 
     /// The MAC of a family record whose live token is `token` (hex).
     fn mac(&self, family: u128, user: &str, auth_time: u64, token: &str, expires: u64) -> String {
-        use hmac::{Hmac, Mac};
-        let mut m = <Hmac<sha2::Sha256>>::new_from_slice(&self.record_key)
-            .expect("HMAC takes any key length");
-        // Length-prefixed, so no two different records read the same.
-        m.update(b"keygate refresh family v1");
-        m.update(&family.to_be_bytes());
-        m.update(&(user.len() as u64).to_be_bytes());
-        m.update(user.as_bytes());
-        m.update(&auth_time.to_be_bytes());
-        m.update(&(token.len() as u64).to_be_bytes());
-        m.update(token.as_bytes());
-        m.update(&expires.to_be_bytes());
-        hex(&m.finalize().into_bytes().into())
+        mac_under(&self.record_key, family, user, auth_time, token, expires)
+    }
+
+    /// Whether `mac` (as read) authenticates the record under the key or
+    /// the previous one; a record without one passes only under
+    /// `accept_unsigned_records`.
+    fn authentic(&self, mac: Option<&str>, record: &RefreshRecord, token: &str) -> bool {
+        let Some(mac) = mac else {
+            return self.accept_unsigned;
+        };
+        let r = record;
+        [Some(&self.record_key), self.previous_record_key.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|key| {
+                let expected = mac_under(key, r.family, &r.user, r.auth_time, token, r.expires_at);
+                subtle::ConstantTimeEq::ct_eq(mac.as_bytes(), expected.as_bytes()).into()
+            })
     }
 
     /// The record of `hash` in `family` (spent unless it is the live
@@ -232,29 +252,17 @@ impl RedisStore {
             // Unknown: before any cutoff a user's tokens_valid_after sets.
             auth_time: auth_time.unwrap_or(0),
         };
-        if live && revoked.is_none() {
-            let expected = self.mac(
-                family,
-                &record.user,
-                record.auth_time,
-                &presented,
-                record.expires_at,
+        if live && revoked.is_none() && !self.authentic(mac.as_deref(), &record, &presented) {
+            METRICS
+                .state_errors
+                .with_label_values(&["unauthenticated_record"])
+                .inc();
+            tracing::warn!(
+                family = %format!("{family:032x}"),
+                "a refresh family in Redis does not authenticate under [state] record_key \
+                 (written without the key, or before keygate signed its records); refused"
             );
-            let authentic = mac.is_some_and(|m| {
-                subtle::ConstantTimeEq::ct_eq(m.as_bytes(), expected.as_bytes()).into()
-            });
-            if !authentic {
-                METRICS
-                    .state_errors
-                    .with_label_values(&["unauthenticated_record"])
-                    .inc();
-                tracing::warn!(
-                    family = %format!("{family:032x}"),
-                    "a refresh family in Redis does not authenticate under [state] record_key \
-                     (written without the key, or before keygate signed its records); refused"
-                );
-                return Ok(None);
-            }
+            return Ok(None);
         }
         Ok(Some((record, revoked.is_some())))
     }
@@ -333,11 +341,50 @@ impl RedisStore {
         })
     }
 
-    /// `PING`, for `/readyz` and `keygate check --connect`.
+    /// `PING`, for `/readyz` and `keygate check --connect`: on a spare
+    /// connection when the pool's are all busy.
     pub fn ping(&self) -> Result<(), StateError> {
-        self.call("ping", |c| redis::cmd("PING").query::<String>(c))
-            .map(|_| ())
+        match self
+            .pool
+            .with_spare(|c| redis::cmd("PING").query::<String>(c))
+        {
+            Ok(_) => {
+                METRICS.redis_calls.with_label_values(&["ping", "ok"]).inc();
+                Ok(())
+            }
+            Err(e) => {
+                let outcome = if e.is_timeout() { "timeout" } else { "error" };
+                METRICS
+                    .redis_calls
+                    .with_label_values(&["ping", outcome])
+                    .inc();
+                Err(unavailable("ping", &e))
+            }
+        }
     }
+}
+
+/// HMAC-SHA256 under `key` of a family record: a version tag, then each
+/// field fixed-width or length-prefixed, so no two records read the same.
+fn mac_under(
+    key: &[u8],
+    family: u128,
+    user: &str,
+    auth_time: u64,
+    token: &str,
+    expires: u64,
+) -> String {
+    use hmac::{Hmac, Mac};
+    let mut m = <Hmac<sha2::Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(b"keygate refresh family v1");
+    m.update(&family.to_be_bytes());
+    m.update(&(user.len() as u64).to_be_bytes());
+    m.update(user.as_bytes());
+    m.update(&auth_time.to_be_bytes());
+    m.update(&(token.len() as u64).to_be_bytes());
+    m.update(token.as_bytes());
+    m.update(&expires.to_be_bytes());
+    hex(&m.finalize().into_bytes().into())
 }
 
 fn unavailable(op: &str, e: &redis::RedisError) -> StateError {

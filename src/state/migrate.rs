@@ -37,8 +37,9 @@ pub enum Record {
         issued_at: u64,
         expires_at: u64,
         spent: bool,
-        /// The family's start (its login). Exports of keygate before 0.2
-        /// lack it: [`read`] takes the family's earliest token then.
+        /// The family's start (its login). Exports of an earlier keygate
+        /// lack it: 0 then (before any cutoff, so `tokens_valid_after`
+        /// ends such a family rather than letting it through).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         auth_time: Option<u64>,
     },
@@ -129,7 +130,7 @@ impl TryFrom<Record> for Item {
                         issued_at,
                         expires_at,
                         spent,
-                        auth_time: auth_time.unwrap_or(u64::MAX),
+                        auth_time: auth_time.unwrap_or(0),
                     },
                 )
             }
@@ -182,21 +183,6 @@ pub fn read(input: &mut dyn BufRead) -> Result<Vec<Item>, String> {
             serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 1))?;
         items.push(Item::try_from(record).map_err(|e| format!("line {}: {e}", n + 1))?);
     }
-    // A family start the export did not carry: its earliest token in it.
-    let mut starts = std::collections::HashMap::<u128, u64>::new();
-    for item in &items {
-        if let Item::Refresh(_, r) = item {
-            let start = starts.entry(r.family).or_insert(r.issued_at);
-            *start = (*start).min(r.issued_at).min(r.auth_time);
-        }
-    }
-    for item in &mut items {
-        if let Item::Refresh(_, r) = item {
-            if r.auth_time == u64::MAX {
-                r.auth_time = starts[&r.family];
-            }
-        }
-    }
     Ok(items)
 }
 
@@ -238,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn an_export_without_family_starts_takes_each_familys_earliest_token() {
+    fn an_export_without_family_starts_reads_them_as_before_any_cutoff() {
         let text = concat!(
             "{\"keygate_state\":1}\n",
             "{\"refresh\":{\"hash\":\"0101010101010101010101010101010101010101010101010101010101010101\",\"user\":\"u\",\"family\":\"0000000000000000000000000000000a\",\"issued_at\":50,\"expires_at\":90,\"spent\":false}}\n",
@@ -247,7 +233,7 @@ mod tests {
         let items = read(&mut text.as_bytes()).unwrap();
         for item in &items {
             let Item::Refresh(_, r) = item else { panic!() };
-            assert_eq!(r.auth_time, 20);
+            assert_eq!(r.auth_time, 0);
         }
     }
 

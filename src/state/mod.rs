@@ -189,23 +189,21 @@ impl RedbStore {
 }
 
 /// Move tokens written before families kept their start into the current
-/// table. A family's start is taken as the earliest token of it still held
-/// (the login's own, unless it has expired): never later than the truth
-/// by more than the tokens purged, and never earlier.
+/// table. Their start is unknown: it is taken as 0, before any cutoff, so
+/// a user's `tokens_valid_after` ends them (a user logs in again) rather
+/// than letting one through. (The family's earliest token still held is
+/// not the login once that token has expired and been purged.)
 fn migrate_refresh_v1(txn: &redb::WriteTransaction) -> Result<(), StateError> {
     let exists = txn.list_tables()?.any(|t| t.name() == REFRESH_V1.name());
     if !exists {
         return Ok(());
     }
     let mut rows = Vec::new();
-    let mut starts = std::collections::HashMap::<u128, u64>::new();
     {
         let old = txn.open_table(REFRESH_V1)?;
         for row in old.iter()? {
             let (k, v) = row?;
             let (user, family, issued_at, expires_at, spent) = v.value();
-            let start = starts.entry(family).or_insert(issued_at);
-            *start = (*start).min(issued_at);
             rows.push((
                 *k.value(),
                 (user.to_string(), family, issued_at, expires_at, spent),
@@ -215,17 +213,9 @@ fn migrate_refresh_v1(txn: &redb::WriteTransaction) -> Result<(), StateError> {
     {
         let mut new = txn.open_table(REFRESH)?;
         for (hash, (user, family, issued_at, expires_at, spent)) in &rows {
-            let auth_time = starts[family];
             new.insert(
                 hash,
-                (
-                    user.as_str(),
-                    *family,
-                    *issued_at,
-                    *expires_at,
-                    *spent,
-                    auth_time,
-                ),
+                (user.as_str(), *family, *issued_at, *expires_at, *spent, 0),
             )?;
         }
     }
@@ -693,7 +683,7 @@ mod tests {
     }
 
     #[test]
-    fn tokens_of_the_first_table_move_over_with_their_family_start() {
+    fn tokens_of_the_first_table_move_over_with_an_unknown_start() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = Database::create(dir.path().join("keygate.redb")).unwrap();
@@ -709,7 +699,8 @@ mod tests {
         }
         let s = RedbStore::open(dir.path()).unwrap();
         match rotate(&s, 2, 3, NOW + 60) {
-            Rotation::Rotated(new) => assert_eq!(new.auth_time, NOW),
+            // Before any cutoff: a tokens_valid_after ends it.
+            Rotation::Rotated(new) => assert_eq!(new.auth_time, 0),
             other => panic!("{other:?}"),
         }
         assert!(matches!(

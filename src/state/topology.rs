@@ -392,6 +392,35 @@ struct Conns {
     open: usize,
 }
 
+/// Why [`SyncPool::with`] did not run a call.
+#[derive(Debug)]
+pub enum PoolError {
+    /// Every connection stayed in use for `token_timeout`.
+    Busy,
+    Redis(redis::RedisError),
+}
+
+/// A place in the pool and, once connected, its connection: given back
+/// when dropped (the place alone when the connection failed, or when the
+/// call panicked and the connection's state is unknown).
+struct Lease<'a> {
+    pool: &'a SyncPool,
+    conn: Option<SyncConn>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let conn = self.conn.take().filter(|_| !std::thread::panicking());
+        let mut conns = self.pool.conns.lock().unwrap_or_else(|e| e.into_inner());
+        match conn {
+            Some(c) => conns.idle.push(c),
+            None => conns.open -= 1,
+        }
+        drop(conns);
+        self.pool.returned.notify_one();
+    }
+}
+
 pub enum SyncConn {
     Single(redis::Connection),
     Cluster(Box<redis::cluster::ClusterConnection>),
@@ -437,31 +466,64 @@ impl SyncPool {
     }
 
     /// Run `f` on a connection; a connection that failed is not reused.
+    /// [`PoolError::Busy`] when all [`MAX_SYNC_CONNECTIONS`] stayed in use
+    /// for `token_timeout`: contention, not Redis being down.
     pub fn with<T>(
         &self,
         f: impl FnOnce(&mut dyn redis::ConnectionLike) -> RedisResult<T>,
-    ) -> RedisResult<T> {
-        let mut conn = match self.take()? {
-            Some(c) => c,
-            None => match self.connect() {
-                Ok(c) => c,
-                Err(e) => {
-                    self.release(None);
-                    return Err(e);
-                }
-            },
+    ) -> Result<T, PoolError> {
+        let mut lease = Lease {
+            pool: self,
+            conn: self.take()?,
         };
+        if lease.conn.is_none() {
+            lease.conn = Some(self.connect().map_err(PoolError::Redis)?);
+        }
+        let conn = lease.conn.as_mut().expect("a connection was just set");
         let result = f(conn.as_dyn());
-        match &result {
-            Err(e) if connection_lost(e) => self.release(None),
-            _ => self.release(Some(conn)),
+        if matches!(&result, Err(e) if connection_lost(e)) {
+            lease.conn = None;
+        }
+        result.map_err(PoolError::Redis)
+    }
+
+    /// Run `f` as [`SyncPool::with`] does, but never wait: when all the
+    /// pool's connections are in use, on one opened for it alone and
+    /// closed after, outside the cap. `/readyz` must tell whether Redis
+    /// answers, not wait behind a flood of logins.
+    pub fn with_spare<T>(
+        &self,
+        f: impl FnOnce(&mut dyn redis::ConnectionLike) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let placed = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            match conns.idle.pop() {
+                Some(c) => Some(Some(c)),
+                None if conns.open < MAX_SYNC_CONNECTIONS => {
+                    conns.open += 1;
+                    Some(None)
+                }
+                None => None,
+            }
+        };
+        let Some(conn) = placed else {
+            return f(self.connect()?.as_dyn());
+        };
+        let mut lease = Lease { pool: self, conn };
+        if lease.conn.is_none() {
+            lease.conn = Some(self.connect()?);
+        }
+        let conn = lease.conn.as_mut().expect("a connection was just set");
+        let result = f(conn.as_dyn());
+        if matches!(&result, Err(e) if connection_lost(e)) {
+            lease.conn = None;
         }
         result
     }
 
     /// An idle connection, or `None` with a place to open one; waits while
     /// all [`MAX_SYNC_CONNECTIONS`] are in use.
-    fn take(&self) -> RedisResult<Option<SyncConn>> {
+    fn take(&self) -> Result<Option<SyncConn>, PoolError> {
         let deadline = std::time::Instant::now() + self.settings.token_timeout;
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -474,10 +536,7 @@ impl SyncPool {
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "every Redis connection of the token endpoints stayed busy",
-                )));
+                return Err(PoolError::Busy);
             }
             conns = self
                 .returned
@@ -485,17 +544,6 @@ impl SyncPool {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-    }
-
-    /// Give a connection back, or (`None`) give up its place.
-    fn release(&self, conn: Option<SyncConn>) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        match conn {
-            Some(c) => conns.idle.push(c),
-            None => conns.open -= 1,
-        }
-        drop(conns);
-        self.returned.notify_one();
     }
 
     /// Connections open now (idle and in use).
