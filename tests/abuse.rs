@@ -389,6 +389,18 @@ async fn h2_connect(
     port: u16,
     tls: Arc<rustls::ClientConfig>,
 ) -> h2::client::SendRequest<bytes::Bytes> {
+    h2_connect_watched(port, tls).await.0
+}
+
+/// [`h2_connect`], with the task that drives the connection: it ends when
+/// keygate ends the connection.
+async fn h2_connect_watched(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -400,10 +412,10 @@ async fn h2_connect(
         .await
         .unwrap();
     let (send, conn) = h2::client::handshake(stream).await.unwrap();
-    tokio::spawn(async move {
+    let ended = tokio::spawn(async move {
         let _ = conn.await;
     });
-    send
+    (send, ended)
 }
 
 fn h2_request(method: &str, port: u16, path: &str, key: &str) -> http::Request<()> {
@@ -668,20 +680,7 @@ fn a_client_ca_change_ends_certificate_auth_on_open_connections() {
     // HTTP/2 too: a connection that presented the same certificate.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let h2_conn = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kg.port))
-            .await
-            .unwrap();
-        let mut tls = (*identity).clone();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        let (send, conn) = h2::client::handshake(stream).await.unwrap();
-        let ended = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (send, ended) = h2_connect_watched(kg.port, identity.clone()).await;
         let mut send = send.ready().await.unwrap();
         let req = http::Request::get(format!("https://localhost:{}/v1/vms", kg.port))
             .body(())
@@ -841,17 +840,10 @@ fn state_import_never_revives_a_spent_refresh_token() {
         json!({"email": "alice@example.com", "password": PASSWORD}),
     );
     let r1 = t["refresh_token"].as_str().unwrap().to_string();
-    let keygate = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(args)
-            .env("KEYGATE_TEST_HS", HS_SECRET)
-            .output()
-            .unwrap()
-    };
     let config = kg.config_path().display().to_string();
     // An export while r1 is live.
     kg.stop();
-    let export = keygate(&["state", "export", "-c", &config]);
+    let export = keygate_command(&["state", "export", "-c", &config]);
     assert!(export.status.success());
     let file = kg.dir.path().join("old.jsonl");
     std::fs::write(&file, &export.stdout).unwrap();
@@ -861,13 +853,7 @@ fn state_import_never_revives_a_spent_refresh_token() {
     assert_eq!(status, 200);
     let r2 = t["refresh_token"].as_str().unwrap().to_string();
     kg.stop();
-    let out = keygate(&[
-        "state",
-        "import",
-        "-c",
-        &config,
-        &file.display().to_string(),
-    ]);
+    let out = state_import(&config, &file);
     assert!(
         out.status.success(),
         "{}",
@@ -1010,30 +996,8 @@ fn record_keys_rotate_and_unsigned_families_pass_only_when_allowed() {
     let upstream = Upstream::start();
     let base = with_redis(&config_with_passwords(), &redis.url(), "timeout = \"1s\"");
     let mut kg = Keygate::start(&base, upstream.port);
-    let login = |kg: &Keygate| -> String {
-        let r = client()
-            .post(kg.url("/api/v1/auth/token"))
-            .json(&json!({"email": "alice@example.com", "password": PASSWORD}))
-            .send()
-            .unwrap();
-        r.json::<Value>().unwrap()["refresh_token"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let refresh = |kg: &Keygate, token: &str| -> (u16, String) {
-        let r = client()
-            .post(kg.url("/api/v1/auth/refresh"))
-            .json(&json!({"refresh_token": token}))
-            .send()
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().unwrap();
-        (
-            status,
-            v["refresh_token"].as_str().unwrap_or("").to_string(),
-        )
-    };
+    let login = login_alice;
+    let refresh = refresh_with;
     let signed_by_old = login(&kg);
     let also_old = login(&kg);
     // A new key, the old one kept as previous: old families still rotate

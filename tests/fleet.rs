@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::redis::{RedisCluster, RedisSentinel, RedisServer, RedisTls};
 use support::*;
+use support::{login_alice as login, post_json as post, refresh_with as refresh};
 
 /// `[state] record_key` of the test fleets (inline: `check` warns, fine here).
 pub const RECORD_KEY: &str = "fleet-test-record-key-of-32-bytes-or-more";
@@ -23,30 +24,6 @@ fn with_state(policy: &str, url: &str, state: &str) -> String {
     format!(
         "{policy}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"kg-test\"\nrecord_key = \"{RECORD_KEY}\"\n{state}\n"
     )
-}
-
-fn post(kg: &Keygate, path: &str, body: &Value) -> (u16, Value) {
-    let r = client().post(kg.url(path)).json(body).send().unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
-}
-
-fn login(kg: &Keygate) -> String {
-    let body = json!({"email": "alice@example.com", "password": PASSWORD});
-    let (status, t) = post(kg, "/api/v1/auth/token", &body);
-    assert_eq!(status, 200, "{t}");
-    t["refresh_token"].as_str().unwrap().to_string()
-}
-
-/// The status, and the error code or the new refresh token.
-fn refresh(kg: &Keygate, token: &str) -> (u16, String) {
-    let (status, body) = post(kg, "/api/v1/auth/refresh", &json!({"refresh_token": token}));
-    let said = if status == 200 {
-        body["refresh_token"].as_str().unwrap_or("").to_string()
-    } else {
-        body["error"]["code"].as_str().unwrap_or("").to_string()
-    };
-    (status, said)
 }
 
 #[test]
@@ -481,17 +458,10 @@ fn state_export_and_import_carry_tokens_and_spent_quotas_into_redis() {
     // embedded store can be open in one process only.
     std::thread::sleep(Duration::from_millis(1200));
     single.signal("TERM");
-    let keygate = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(args)
-            .env("KEYGATE_TEST_HS", HS_SECRET)
-            .output()
-            .unwrap()
-    };
     let old_config = single.config_path().display().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     let export = loop {
-        let out = keygate(&["state", "export", "-c", &old_config]);
+        let out = keygate_command(&["state", "export", "-c", &old_config]);
         if out.status.success() {
             break out.stdout;
         }
@@ -523,13 +493,7 @@ fn state_export_and_import_carry_tokens_and_spent_quotas_into_redis() {
     let file = a.dir.path().join("state.jsonl");
     std::fs::write(&file, &text).unwrap();
     let new_config = a.config_path().display().to_string();
-    let out = keygate(&[
-        "state",
-        "import",
-        "-c",
-        &new_config,
-        &file.display().to_string(),
-    ]);
+    let out = state_import(&new_config, &file);
     assert!(
         out.status.success(),
         "{}",
@@ -542,13 +506,7 @@ fn state_export_and_import_carry_tokens_and_spent_quotas_into_redis() {
 
     // A broken export is refused with its line number, and nothing changes.
     std::fs::write(&file, "{\"keygate_state\":1}\n{\"limit\":{}}\n").unwrap();
-    let out = keygate(&[
-        "state",
-        "import",
-        "-c",
-        &new_config,
-        &file.display().to_string(),
-    ]);
+    let out = state_import(&new_config, &file);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
 }

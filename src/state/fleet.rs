@@ -515,6 +515,15 @@ mod tests {
     use crate::limit::Limiter;
     use std::num::NonZeroU32;
 
+    /// Run `f` as a proxy thread runs its work: one thread, local tasks.
+    fn on_one_thread<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
     fn quota(limit: u32, burst: u32) -> Quota {
         Quota::new(
             NonZeroU32::new(limit).unwrap(),
@@ -549,12 +558,7 @@ mod tests {
 
     #[test]
     fn decisions_arriving_during_a_call_go_together_in_the_next() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async {
+        on_one_thread(async {
             let lanes = Rc::new(Lanes::default());
             let calls = Rc::new(RefCell::new(Vec::new()));
             let key = (7, 1, 1);
@@ -608,12 +612,7 @@ mod tests {
 
     #[test]
     fn a_dropped_first_request_leaves_its_batch_answered() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async {
+        on_one_thread(async {
             let lanes = Rc::new(Lanes::default());
             let key = (3, 1, 1);
             let call = |n| async move {
@@ -693,11 +692,7 @@ mod tests {
 
     #[test]
     fn a_dropped_leader_fails_its_batch_instead_of_stranding_it() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        on_one_thread(async {
             let lanes = Lanes::default();
             let key = (1, 1, 1);
             let (batch, j) = lanes.join(key);

@@ -473,3 +473,46 @@ pub fn sign(kid: &str, claims: &serde_json::Value) -> String {
 pub fn token(sub: &str) -> String {
     sign("hs-1", &claims(sub))
 }
+
+/// Run a one-shot `keygate` command (`state export`, `check`, …) with the
+/// test policy's secrets in its environment.
+pub fn keygate_command(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .env("KEYGATE_TEST_HS", HS_SECRET)
+        .output()
+        .expect("run keygate")
+}
+
+/// `keygate state import -c config file`.
+pub fn state_import(config: &str, file: &Path) -> std::process::Output {
+    keygate_command(&["state", "import", "-c", config, &file.display().to_string()])
+}
+
+/// POST a JSON body; the status and the JSON answer (`null` when not JSON).
+pub fn post_json(kg: &Keygate, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client().post(kg.url(path)).json(body).send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(serde_json::Value::Null))
+}
+
+/// Log alice in with [`PASSWORD`]; her refresh token.
+pub fn login_alice(kg: &Keygate) -> String {
+    let body = serde_json::json!({"email": "alice@example.com", "password": PASSWORD});
+    let (status, t) = post_json(kg, "/api/v1/auth/token", &body);
+    assert_eq!(status, 200, "{t}");
+    t["refresh_token"].as_str().unwrap().to_string()
+}
+
+/// Present a refresh token: the status, and the new refresh token (200) or
+/// the error code.
+pub fn refresh_with(kg: &Keygate, token: &str) -> (u16, String) {
+    let body = serde_json::json!({"refresh_token": token});
+    let (status, body) = post_json(kg, "/api/v1/auth/refresh", &body);
+    let said = if status == 200 {
+        body["refresh_token"].as_str().unwrap_or("").to_string()
+    } else {
+        body["error"]["code"].as_str().unwrap_or("").to_string()
+    };
+    (status, said)
+}

@@ -299,19 +299,7 @@ pub struct RedisTls {
 impl RedisTls {
     pub fn start() -> RedisTls {
         let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &str| {
-            let out = Command::new("openssl")
-                .current_dir(dir.path())
-                .args(args.split_whitespace())
-                .output()
-                .expect("run openssl");
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "openssl {args}: {err}");
-        };
-        openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=keygate-test-ca");
-        openssl("req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost");
-        std::fs::write(dir.path().join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl("x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 1 -extfile ext");
+        server_certificate(dir.path());
         let ca = dir.path().join("ca.pem");
         let port = super::free_port().to_string();
         let args = [
@@ -377,19 +365,7 @@ impl GuardedSentinel {
     pub fn start() -> GuardedSentinel {
         let master = RedisServer::start();
         let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &str| {
-            let out = Command::new("openssl")
-                .current_dir(dir.path())
-                .args(args.split_whitespace())
-                .output()
-                .expect("run openssl");
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "openssl {args}: {err}");
-        };
-        openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=keygate-test-ca");
-        openssl("req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost");
-        std::fs::write(dir.path().join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl("x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 1 -extfile ext");
+        server_certificate(dir.path());
         let password = "sentinel-test-password";
         let port = super::free_port();
         let conf = format!(
@@ -433,4 +409,22 @@ impl GuardedSentinel {
             RedisSentinel::NAME
         )
     }
+}
+
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by it
+/// (`srv.pem`, `srv.key`), written into `dir` by openssl.
+fn server_certificate(dir: &std::path::Path) {
+    let openssl = |args: &str| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args.split_whitespace())
+            .output()
+            .expect("run openssl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "openssl {args}: {err}");
+    };
+    openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=keygate-test-ca");
+    openssl("req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost");
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl("x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 1 -extfile ext");
 }

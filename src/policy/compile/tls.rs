@@ -253,20 +253,9 @@ impl Cx<'_> {
     fn http2(&mut self, h: Option<&config::Http2>) -> Http2Limits {
         let default = Http2Limits::default();
         let Some(h) = h else { return default };
-        let mut within = |n: Option<&Spanned<i64>>, lo: u32, hi: u32, default: u32, what| {
-            let Some(n) = n else { return default };
-            match u32::try_from(*n.get_ref()) {
-                Ok(v) if (lo..=hi).contains(&v) => v,
-                _ => {
-                    self.d
-                        .error(n.span(), format!("{what} must be between {lo} and {hi}"));
-                    default
-                }
-            }
-        };
         // Each stream holds two 64 KiB pipes and an engine task: 1000 is
         // about 128 MiB for one connection at worst.
-        let max_concurrent_streams = within(
+        let max_concurrent_streams = self.within(
             h.max_concurrent_streams.as_ref(),
             1,
             1000,
@@ -274,14 +263,14 @@ impl Cx<'_> {
             "max_concurrent_streams",
         );
         // A stream becomes an HTTP/1.1 head, which has this limit anyway.
-        let max_header_list_size = within(
+        let max_header_list_size = self.within(
             h.max_header_list_size.as_ref(),
             1024,
             default.max_header_list_size,
             default.max_header_list_size,
             "max_header_list_size (bytes)",
         );
-        let max_client_resets = within(
+        let max_client_resets = self.within(
             h.max_client_resets.as_ref(),
             1,
             10_000,
