@@ -14,10 +14,11 @@ mod common;
 use common::resident_bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
+use keygate::clock::unix_now;
 use keygate::config::Fixed;
 use keygate::gate::{decide, RequestFacts};
 use keygate::limit::Limiter;
-use keygate::policy::{compile, unix_now, Policy};
+use keygate::policy::{compile, Policy};
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret!";
 const USERS: usize = 10_000;

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use keygate::clock::unix_now_us;
 use keygate::config::Fixed;
 use keygate::issue::{IssueError, Issuer};
 use keygate::limit::Limiter;
-use keygate::policy::{compile, unix_now_us};
+use keygate::policy::compile;
 use keygate::state::RedbStore;
 
 fn bench_login(c: &mut Criterion) {

@@ -6,6 +6,7 @@
 //! is what it compiles to, published through one `ArcSwap`.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod http1;

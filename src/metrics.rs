@@ -358,12 +358,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 /// Create every series whose labels are known in advance, at 0, so that
 /// `rate()` and `increase()` work before the first event.
 fn zero_known_series(m: &Metrics) {
-    for code in crate::gate::Denial::CODES
-        .iter()
-        .chain(["invalid_signature", "method_not_allowed"].iter())
-    {
-        m.auth_denials.with_label_values(&[code]);
-    }
     for kind in ["connect", "timeout", "other"] {
         m.upstream_errors.with_label_values(&[kind]);
     }
@@ -381,44 +375,6 @@ fn zero_known_series(m: &Metrics) {
     }
     for reason in ["max_connections", "max_connections_per_client"] {
         m.connections_refused.with_label_values(&[reason]);
-    }
-}
-
-/// Series named by the policy (tiers, webhook paths), at 0; called on
-/// every (re)load.
-pub fn zero_policy_series(policy: &crate::policy::Policy) {
-    let m = &*METRICS;
-    // The certificates served now, and only they.
-    m.tls_cert_expiry.reset();
-    if let Some(tls) = &policy.server.tls {
-        for cert in &tls.certs {
-            m.tls_cert_expiry
-                .with_label_values(&[&cert.name, &cert.subject])
-                .set(cert.not_after);
-        }
-        for result in ["ok", "resumed"] {
-            for version in ["TLSv1.2", "TLSv1.3"] {
-                m.tls_handshakes.with_label_values(&[result, version]);
-            }
-        }
-        m.tls_handshakes.with_label_values(&["failed", "none"]);
-        m.tls_handshakes.with_label_values(&["timeout", "none"]);
-    }
-    for tier in &policy.tiers {
-        m.rate_limited.with_label_values(&[&tier.name]);
-    }
-    for hook in &policy.webhooks {
-        for result in [
-            "valid",
-            "mismatch",
-            "malformed",
-            "missing",
-            "stale",
-            "too_large",
-        ] {
-            m.webhook_verifications
-                .with_label_values(&[&hook.path, result]);
-        }
     }
 }
 
@@ -455,24 +411,5 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "other",
-    }
-}
-
-/// Record the policy's object counts after a successful (re)load.
-pub fn record_policy(counts: crate::policy::Counts, success: bool) {
-    let m = &*METRICS;
-    if success {
-        for (kind, n) in [
-            ("users", counts.users),
-            ("api_keys", counts.api_keys),
-            ("client_certs", counts.client_certs),
-            ("routes", counts.routes),
-            ("tiers", counts.tiers),
-            ("jwt_keys", counts.jwt_keys),
-        ] {
-            m.policy_objects.with_label_values(&[kind]).set(n as i64);
-        }
-        m.config_last_reload_success_timestamp
-            .set(crate::policy::unix_now() as i64);
     }
 }

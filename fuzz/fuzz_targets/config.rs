@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// `compile` resolves an upstream host name with the system resolver (a DNS
 /// query, slow and off the machine); such inputs are skipped. Mirrors the
-/// host extraction in `policy::compile` (`Compiler::upstream`).
+/// host extraction in `policy::compile` (`compile/upstream.rs`).
 fn resolves_a_name(src: &str) -> bool {
     let Ok(table) = src.parse::<toml::Table>() else {
         return false; // compile stops at the parse error too

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use pingora::services::listening::Service;
 
+use crate::clock::unix_now;
 use crate::issue::sign_access_token;
-use crate::policy::{unix_now, Policy};
+use crate::policy::Policy;
 use crate::proxy::sample_upstream::SampleVmApi;
 
 /// The example file, built in so `keygate demo` works from any directory.
@@ -71,11 +72,11 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let policy = compiled.policy;
     super::init_tracing(&policy);
 
-    let upstream = policy.upstream.addr;
-    if !upstream.ip().is_loopback() || policy.upstream.tls {
+    let upstream = policy.upstream.endpoint.addr;
+    if !upstream.ip().is_loopback() || policy.upstream.endpoint.tls {
         bail!(
             "the demo serves its sample API at upstream.url, which must be http://127.0.0.1:PORT (it is {})",
-            policy.upstream.url
+            policy.upstream.endpoint.url
         );
     }
     for (what, addr) in [
@@ -150,7 +151,7 @@ Refused:
 
 Ctrl-C stops the demo.
 "#,
-        upstream = policy.upstream.addr,
+        upstream = policy.upstream.endpoint.addr,
         admin = policy.server.admin_listen,
         secret_note = if own_secret {
             "JWT secret: KEYGATE_JWT_SECRET from your environment (tokens survive restarts, and\n`KEYGATE_JWT_SECRET=… keygate explain -c config.example.toml --token …` checks them)."

@@ -169,9 +169,9 @@ fn effective(p: &Policy) -> String {
     line("log.access", format!("{:?}", p.log.access));
     line("log.level", p.log.level.clone());
     let u = &p.upstream;
-    line("upstream.url", u.url.to_string());
-    line("upstream.addr", u.addr.to_string());
-    line("upstream.connect_timeout", d(u.connect_timeout));
+    line("upstream.url", u.endpoint.url.to_string());
+    line("upstream.addr", u.endpoint.addr.to_string());
+    line("upstream.connect_timeout", d(u.endpoint.connect_timeout));
     line("upstream.read_timeout", d(u.read_timeout));
     line(
         "upstream.forward_credentials",

@@ -32,7 +32,7 @@ pub struct Request<'a> {
 /// the proxy would let it through.
 pub fn run(path: &Path, req: &Request<'_>) -> anyhow::Result<bool> {
     let policy = super::load(path)?.policy;
-    let (text, allowed) = explain(&policy, req, crate::policy::unix_now_us())?;
+    let (text, allowed) = explain(&policy, req, crate::clock::unix_now_us())?;
     print!("{text}");
     Ok(allowed)
 }
@@ -377,7 +377,7 @@ fn decision(line: &mut impl FnMut(&str, String), policy: &Policy, d: &Decision) 
     match &d.verdict {
         Ok(()) => line(
             "decision",
-            format!("ALLOW: forwarded to {}", policy.upstream.url),
+            format!("ALLOW: forwarded to {}", policy.upstream.endpoint.url),
         ),
         Err(denial) => line(
             "decision",

@@ -329,7 +329,7 @@ pub fn webhook_verify(
 ) -> anyhow::Result<bool> {
     if let Some(ts) = timestamp {
         unix_seconds(ts)?;
-        let now = crate::policy::unix_now();
+        let now = crate::clock::unix_now();
         if let Err(refusal) = crate::webhook::check_timestamp(Some(ts), now, tolerance.as_secs()) {
             println!("invalid: {}", refusal.message());
             return Ok(false);

@@ -39,7 +39,7 @@ fn open(policy: &Policy) -> anyhow::Result<Arc<dyn StateStore>> {
 pub fn export(config: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
     let policy = super::load(config)?.policy;
     let store = open(&policy)?;
-    let now = crate::policy::unix_now_us();
+    let now = crate::clock::unix_now_us();
     let records: Vec<Record> = store
         .export()?
         .into_iter()

@@ -16,13 +16,13 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderValue, Method};
 
 pub use credential::{
-    extract as extract_credential, find_api_key, normalize_subject, Credential, PeerCert,
-    MAX_CREDENTIAL_LEN,
+    extract as extract_credential, find_api_key, Credential, PeerCert, MAX_CREDENTIAL_LEN,
 };
 pub use denial::{error_body, Denial};
 pub use jwt::verify as verify_jwt;
 
-use crate::limit::{AccountId, Limiter, Outcome, Quota};
+pub use crate::limit::QuotaNeed;
+use crate::limit::{AccountId, Limiter, Outcome};
 use crate::policy::{Access, KeyIdx, Permissions, Policy, Rate, RouteIdx, TierIdx, UserIdx};
 
 /// What the gate needs to know about a request.
@@ -163,15 +163,6 @@ pub struct Decision {
     /// [`assess`] when everything else passed; cleared by [`Decision::settle`].
     pub pending: Option<QuotaNeed>,
     pub verdict: Result<(), Denial>,
-}
-
-/// One unit of `quota` for `account`, under `tier`: the question the gate
-/// leaves to the limiter service, local or shared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuotaNeed {
-    pub tier: TierIdx,
-    pub account: AccountId,
-    pub quota: Quota,
 }
 
 /// The tier that limited a request and what the limiter said.
@@ -352,7 +343,7 @@ fn ip_account(policy: &Policy, tier: TierIdx, ip: IpAddr) -> AccountId {
     use std::fmt::Write;
     let bucket = crate::policy::address_bucket(ip, policy.server.ipv6_prefix);
     let _ = write!(id, "{bucket}");
-    crate::policy::account_id("ip", &id)
+    crate::limit::account_id("ip", &id)
 }
 
 #[cfg(test)]

@@ -14,3 +14,5 @@ pub mod body;
 pub mod encode;
 pub mod parse;
 pub mod upstream;
+
+pub use upstream::Endpoint;

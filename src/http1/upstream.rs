@@ -15,7 +15,19 @@ use pingora::tls::{ClientConfig, ClientTlsStream, RootCertStore, ServerName, Tls
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::policy::Upstream;
+/// Where the upstream is and how to open a connection to it: all the
+/// engine needs of the application's upstream settings.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The URL as written: for messages, and what pooled connections are
+    /// filed under (a reload to another upstream never reuses one).
+    pub url: Arc<str>,
+    pub addr: std::net::SocketAddr,
+    pub tls: bool,
+    /// Host name for TLS SNI (empty for plain HTTP).
+    pub sni: String,
+    pub connect_timeout: Duration,
+}
 
 /// Whether a request that failed on a reused connection, before any byte
 /// of an answer came, may be sent again on a fresh one: only when the
@@ -102,7 +114,7 @@ pub enum ConnectError {
 }
 
 /// Open a new connection within the upstream's connect timeout.
-pub async fn connect(up: &Upstream) -> Result<Conn, ConnectError> {
+pub async fn connect(up: &Endpoint) -> Result<Conn, ConnectError> {
     let open = async {
         let tcp = TcpStream::connect(up.addr)
             .await
@@ -167,7 +179,7 @@ impl Pool {
     }
 
     /// The most recently used live connection to `up`, if any.
-    pub fn take(&self, up: &Upstream) -> Option<Conn> {
+    pub fn take(&self, up: &Endpoint) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         while let Some(mut entry) = idle.pop() {
             if (Arc::ptr_eq(&entry.upstream, &up.url) || entry.upstream == up.url)
@@ -181,7 +193,7 @@ impl Pool {
     }
 
     /// Keep a connection whose last exchange ended cleanly.
-    pub fn put(&self, up: &Upstream, conn: Conn) {
+    pub fn put(&self, up: &Endpoint, conn: Conn) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= POOL_SIZE {
             // Oldest out: it is the likeliest to be closed by the upstream anyway.

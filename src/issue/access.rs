@@ -85,7 +85,7 @@ mod tests {
                 .unwrap()
                 .policy;
             let (alice, _) = policy.user_by_id("u_alice").unwrap();
-            let now = crate::policy::unix_now();
+            let now = crate::clock::unix_now();
             let (token, exp) = super::sign_access_token(&policy, alice, now, now, 60).unwrap();
             assert_eq!(exp, now + 60);
             let header = jsonwebtoken::decode_header(&token).unwrap();

@@ -18,11 +18,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use access::sign_access_token;
-pub use password::{dummy_hash_like, verify_password};
+pub use password::{dummy_hash_for, dummy_hash_like, prepare_dummy_hash, verify_password};
 
+use crate::limit::account_id;
 use crate::limit::{AccountId, Quota};
 use crate::metrics::METRICS;
-use crate::policy::{account_id, Policy, UserIdx};
+use crate::policy::{Policy, UserIdx};
 use crate::state::families::Throttles;
 use crate::state::{RefreshRecord, Rotation, StateError, StateStore, TokenHash};
 
@@ -304,9 +305,14 @@ impl Issuer {
                 return Err(IssueError::Internal);
             }
             let user = policy.user_by_email(&email);
-            let hash = user
-                .and_then(|(_, u)| u.password_hash.as_deref())
-                .unwrap_or(&policy.dummy_password_hash);
+            let dummy;
+            let hash = match user.and_then(|(_, u)| u.password_hash.as_deref()) {
+                Some(hash) => hash,
+                None => {
+                    dummy = dummy_hash_for(&policy);
+                    &dummy
+                }
+            };
             METRICS.login_verifications.inc();
             let password_ok = verify_password(hash, &body.password);
             let user = user.filter(|(_, u)| {

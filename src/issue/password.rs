@@ -3,9 +3,12 @@
 //! the email is unknown, so the answer takes the same time either way.
 
 use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
+
+use crate::policy::Policy;
 
 thread_local! {
     /// argon2's working memory (`m_cost` KiB), kept by each thread that
@@ -67,6 +70,51 @@ pub fn dummy_hash_like(like: Option<&str>) -> String {
         .hash_password(&secret, &salt)
         .map(|h| h.to_string())
         .unwrap_or_default()
+}
+
+/// The hash a login verifies when it names no user with a password, so
+/// that every failed login costs the same: shaped like the policy's first
+/// password hash, made once per shape (an argon2 run) and kept. Empty —
+/// nothing to verify — when no user has a password.
+pub fn dummy_hash_for(policy: &Policy) -> Arc<str> {
+    static MADE: Mutex<Vec<(String, Arc<str>)>> = Mutex::new(Vec::new());
+    let Some(like) = policy.users.iter().find_map(|u| u.password_hash.as_deref()) else {
+        return Arc::from("");
+    };
+    // `$argon2id$v=19$m=19456,t=2,p=1$salt$hash`: the shape is before the salt.
+    let shape = like.splitn(5, '$').take(4).collect::<Vec<_>>().join("$");
+    let made = |made: &Vec<(String, Arc<str>)>| {
+        made.iter()
+            .find(|(s, _)| *s == shape)
+            .map(|(_, h)| h.clone())
+    };
+    if let Some(hash) = made(&MADE.lock().unwrap_or_else(|e| e.into_inner())) {
+        return hash;
+    }
+    // Made outside the lock: two threads may both make one; one is kept.
+    let hash: Arc<str> = Arc::from(dummy_hash_like(Some(like)));
+    let mut all = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(hash) = made(&all) {
+        return hash;
+    }
+    if all.len() >= 8 {
+        all.remove(0);
+    }
+    all.push((shape, hash.clone()));
+    hash
+}
+
+/// Make the policy's dummy hash now, off the caller's thread, so that the
+/// first login for an unknown email does not pay for it.
+pub fn prepare_dummy_hash(policy: Arc<Policy>) {
+    let made = std::thread::Builder::new()
+        .name("dummy-hash".into())
+        .spawn(move || {
+            dummy_hash_for(&policy);
+        });
+    if let Err(e) = made {
+        tracing::warn!(error = %e, "cannot prepare the login dummy hash; the first unknown login makes it");
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,34 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 /// An account: a user (with every key it owns), an owner-less API key, or a
-/// client address under a public route's tier. See `policy::account_id`.
+/// client address under a public route's tier. See [`account_id`].
 pub type AccountId = u128;
+
+/// One unit of `quota` for `account`, under the policy's tier `tier` (its
+/// index): the question the gate leaves to the limiter service, local or
+/// shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaNeed {
+    pub tier: u32,
+    pub account: AccountId,
+    pub quota: Quota,
+}
+
+/// The limiter account of a user (`kind = "user"`), an owner-less key
+/// (`"key"`) or an address under a tier (`"ip"`): the first 128 bits of a
+/// SHA-256, so it is fixed-size, stable across restarts and never collides
+/// in practice.
+pub fn account_id(kind: &str, id: &str) -> AccountId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update([0]);
+    h.update(id.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    AccountId::from_le_bytes(first)
+}
 
 const TAT_BITS: u32 = 52;
 const TAT_MASK: u64 = (1 << TAT_BITS) - 1;

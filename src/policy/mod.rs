@@ -3,12 +3,16 @@
 //! [`compile`] is the one conversion from `config::File`; [`PolicyStore`] is
 //! the one `ArcSwap` through which requests see the current policy.
 
+mod client_cert;
 mod compile;
 mod ip;
 pub mod router;
+mod state_backend;
 mod store;
 #[cfg(test)]
 pub mod testing;
+mod token_cache;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,13 +24,15 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 
 use crate::limit::{AccountId, Quota};
 
+pub use client_cert::{normalize_subject, ClientCertIndex};
 pub use compile::{
-    account_id, compile, compile_file, compile_file_with, hash_prefix, unix_now, unix_now_us,
-    Compiled,
+    compile, compile_file, compile_file_with, hash_prefix, Compiled, DEFAULT_MAX_CONNECTIONS,
 };
 pub use ip::{Allowlist, IpSet};
 pub use router::{RouteIdx, Router};
+pub use state_backend::{redact_url, OnError, RedisSettings, SentinelAccess, StateBackend};
 pub use store::{PolicyStore, ReloadOutcome};
+pub use token_cache::{TokenCache, VerifiedToken};
 
 pub type UserIdx = u32;
 pub type KeyIdx = u32;
@@ -57,9 +63,6 @@ pub struct Policy {
     /// JWTs this policy has already verified (see `gate::jwt`). It belongs
     /// to the policy, so a reload starts with an empty one.
     pub verified_tokens: TokenCache,
-    /// Verified when a login names no user with a password, so that every
-    /// failed login costs the same (same argon2 parameters as the users').
-    pub dummy_password_hash: String,
     users_by_id: HashMap<Box<str>, UserIdx>,
     users_by_email: HashMap<Box<str>, UserIdx>,
     /// First eight bytes of each key's SHA-256; the whole hash is then
@@ -102,17 +105,6 @@ impl Policy {
         &self.users[idx as usize]
     }
 
-    /// The binding of a verified client certificate: by fingerprint, then
-    /// subject, then any of its subjectAltNames.
-    pub fn client_cert(&self, cert: &crate::gate::PeerCert) -> Option<KeyIdx> {
-        let c = &self.client_certs;
-        c.by_sha256
-            .get(&cert.sha256)
-            .or_else(|| c.by_subject.get(cert.subject.as_str()))
-            .or_else(|| cert.sans.iter().find_map(|s| c.by_san.get(s.as_str())))
-            .copied()
-    }
-
     pub fn api_key(&self, idx: KeyIdx) -> &ApiKey {
         &self.api_keys[idx as usize]
     }
@@ -137,70 +129,6 @@ impl Policy {
             tiers: self.tiers.len(),
             jwt_keys: self.jwt_keys.keys.len(),
         }
-    }
-}
-
-/// Verified tokens and what the gate needs to re-check on each use: the
-/// time claims. Keyed by the whole token, so only a byte-identical token
-/// hits. Bounded: when full it is emptied and refills with tokens in use.
-pub struct TokenCache {
-    map: dashmap::DashMap<Box<str>, VerifiedToken>,
-    capacity: usize,
-    /// Entries inserted since the last clear (`DashMap::len` locks every shard).
-    count: std::sync::atomic::AtomicUsize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct VerifiedToken {
-    pub user: UserIdx,
-    pub exp: f64,
-    pub nbf: Option<f64>,
-    pub iat: Option<f64>,
-}
-
-impl TokenCache {
-    pub const CAPACITY: usize = 50_000;
-
-    pub fn new(capacity: usize) -> TokenCache {
-        TokenCache {
-            map: dashmap::DashMap::new(),
-            capacity,
-            count: std::sync::atomic::AtomicUsize::new(0),
-        }
-    }
-
-    pub fn get(&self, token: &str) -> Option<VerifiedToken> {
-        self.map.get(token).map(|v| *v)
-    }
-
-    /// Past capacity the whole cache is dropped: cheap, and a client
-    /// re-verifies its token once.
-    pub fn insert(&self, token: &str, verified: VerifiedToken) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.count.fetch_add(1, Relaxed) >= self.capacity {
-            self.clear();
-            self.count.store(1, Relaxed);
-        }
-        self.map.insert(token.into(), verified);
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn clear(&self) {
-        self.map.clear();
-        self.count.store(0, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-impl std::fmt::Debug for TokenCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TokenCache({} of {})", self.map.len(), self.capacity)
     }
 }
 
@@ -270,223 +198,6 @@ pub fn address_bucket(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
-/// `[state] backend`.
-#[derive(Clone, PartialEq, Eq)]
-pub enum StateBackend {
-    /// redb in `server.state_dir`; one instance.
-    Embedded,
-    Redis(Box<RedisSettings>),
-}
-
-/// A Redis deployment shared by every sidecar of a fleet.
-#[derive(Clone)]
-pub struct RedisSettings {
-    /// `url` with any password in it replaced by `***`: for logs and Debug.
-    pub display_url: String,
-    /// As written (see [`crate::state::topology`] for the forms).
-    pub url: String,
-    pub password: Option<String>,
-    /// `url` and `password`, parsed.
-    pub topology: crate::state::topology::Topology,
-    /// `tls_ca_file`: the CA that signs the servers' certificates (PEM),
-    /// instead of the system's roots.
-    pub tls_ca: Option<Vec<u8>>,
-    pub key_prefix: Box<str>,
-    /// The whole of one call, reconnection included.
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    /// One call of the token endpoints (login, refresh, revoke) and of
-    /// `/readyz`: longer than `timeout`, because a rotation that Redis
-    /// applied but answered late would, when the client retries, look like
-    /// the reuse of a spent token and revoke the family.
-    pub token_timeout: Duration,
-    pub on_error_limits: OnError,
-    /// `record_key`: HMAC-SHA256 key of refresh-family records (see
-    /// `state::families`).
-    pub record_key: Box<[u8]>,
-    /// `previous_record_key`: records it signed still verify (a rotation).
-    pub previous_record_key: Option<Box<[u8]>>,
-    /// `accept_unsigned_records`: records without a MAC (written before
-    /// keygate signed them) are accepted, and signed at their next rotation.
-    pub accept_unsigned_records: bool,
-    /// How to reach the Sentinels themselves (`redis+sentinel://` urls).
-    pub sentinel: SentinelAccess,
-    /// With `on_error_limits = "local"`, each sidecar's fallback limiter
-    /// grants quota / fleet_size (at least 1), so the fleet as a whole stays
-    /// near the tier's limit while Redis is away.
-    pub fleet_size: std::num::NonZeroU32,
-}
-
-impl PartialEq for RedisSettings {
-    /// `topology` is derived from `url` and `password`.
-    fn eq(&self, o: &Self) -> bool {
-        (&self.url, &self.password, &self.tls_ca, &self.key_prefix)
-            == (&o.url, &o.password, &o.tls_ca, &o.key_prefix)
-            && self.token_timeout == o.token_timeout
-            && self.record_key == o.record_key
-            && self.previous_record_key == o.previous_record_key
-            && self.accept_unsigned_records == o.accept_unsigned_records
-            && self.sentinel == o.sentinel
-            && (
-                self.timeout,
-                self.connect_timeout,
-                self.on_error_limits,
-                self.fleet_size,
-            ) == (
-                o.timeout,
-                o.connect_timeout,
-                o.on_error_limits,
-                o.fleet_size,
-            )
-    }
-}
-
-impl Eq for RedisSettings {}
-
-/// The Sentinels' own credentials and TLS (they are servers of their own,
-/// with `requirepass`/ACLs and `tls-port` of their own).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct SentinelAccess {
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub tls: bool,
-}
-
-impl std::fmt::Debug for StateBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateBackend::Embedded => f.write_str("Embedded"),
-            StateBackend::Redis(r) => f
-                .debug_struct("Redis")
-                .field("url", &r.display_url)
-                .field("password", &r.password.as_ref().map(|_| "<redacted>"))
-                .field("key_prefix", &r.key_prefix)
-                .field("timeout", &r.timeout)
-                .field("on_error_limits", &r.on_error_limits)
-                .finish(),
-        }
-    }
-}
-
-/// `url` without the password it may hold (`redis://user:secret@host`
-/// becomes `redis://user:***@host`, `redis+unix:///s?pass=secret` becomes
-/// `redis+unix:///s?pass=***`), so that it can be logged.
-pub fn redact_url(url: &str) -> String {
-    let (url, query) = match url.split_once('?') {
-        Some((u, q)) => (u, Some(q)),
-        None => (url, None),
-    };
-    let mut out = redact_userinfo(url);
-    if let Some(query) = query {
-        out.push('?');
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            match pair.split_once('=') {
-                Some((k, _)) if is_password_key(k) => {
-                    out.push_str(k);
-                    out.push_str("=***");
-                }
-                _ => out.push_str(pair),
-            }
-        }
-    }
-    out
-}
-
-/// `pass` or `password`, in any case and however percent-encoded (the
-/// url parser decodes query keys before it reads them).
-fn is_password_key(key: &str) -> bool {
-    let mut decoded = Vec::with_capacity(key.len());
-    let bytes = key.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied(),
-            bytes.get(i + 2).copied(),
-        ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                decoded.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                decoded.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                decoded.push(b);
-                i += 1;
-            }
-        }
-    }
-    decoded.eq_ignore_ascii_case(b"pass") || decoded.eq_ignore_ascii_case(b"password")
-}
-
-fn redact_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    let shown = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        "***".to_string()
-    };
-    format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
-}
-
-#[cfg(test)]
-mod redact_tests {
-    use super::redact_url;
-
-    #[test]
-    fn passwords_in_urls_are_never_shown() {
-        assert_eq!(
-            redact_url("redis://u:s3cret@h:6379/0"),
-            "redis://u:***@h:6379/0"
-        );
-        assert_eq!(redact_url("redis://:s3cret@h"), "redis://:***@h");
-        assert_eq!(redact_url("redis://s3cret@h"), "redis://***@h");
-        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
-        assert_eq!(
-            redact_url("redis+unix:///run/r.sock"),
-            "redis+unix:///run/r.sock"
-        );
-        assert_eq!(
-            redact_url("redis+unix:///run/r.sock?db=2&pass=s3cret&user=kg"),
-            "redis+unix:///run/r.sock?db=2&pass=***&user=kg"
-        );
-        assert_eq!(
-            redact_url("unix:///r.sock?PASSWORD=s3cret"),
-            "unix:///r.sock?PASSWORD=***"
-        );
-        assert_eq!(
-            redact_url("unix:///r.sock?p%61ss=s3cret"),
-            "unix:///r.sock?p%61ss=***"
-        );
-    }
-}
-
-/// What a rate-limit decision does when Redis cannot be asked in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    /// This process's own GCRA (each sidecar then limits on its own).
-    Local,
-    /// Let the request through.
-    Open,
-    /// Refuse it: 503 `state_unavailable`.
-    Closed,
-}
-
 /// What happens to a request with `_` in a header name: CGI-style stacks
 /// (PHP, Python WSGI, many Ruby and Perl servers) read `X_Auth_Subject` as
 /// `X-Auth-Subject`, so such a header could pose as one keygate sets.
@@ -513,15 +224,10 @@ pub struct Log {
 
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// The URL as written, for messages.
-    pub url: std::sync::Arc<str>,
-    pub addr: SocketAddr,
+    /// Where it is: the URL, its address, TLS and SNI, the connect timeout.
+    pub endpoint: crate::http1::Endpoint,
     /// `host[:port]` of the URL: the `Host` of requests that came without one.
     pub authority: Box<str>,
-    pub tls: bool,
-    /// Host name for TLS SNI (empty for plain HTTP).
-    pub sni: String,
-    pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub forward_credentials: bool,
 }
@@ -857,13 +563,4 @@ pub struct Route {
     pub permissions: Box<[Box<str>]>,
     /// On a public route: a tier applied per client address.
     pub rate_tier: Option<TierIdx>,
-}
-
-/// How `[[client_certs]]` entries are found.
-#[derive(Debug, Default)]
-pub struct ClientCertIndex {
-    pub by_sha256: HashMap<[u8; 32], KeyIdx>,
-    /// Keyed by [`crate::gate::normalize_subject`].
-    pub by_subject: HashMap<String, KeyIdx>,
-    pub by_san: HashMap<String, KeyIdx>,
 }

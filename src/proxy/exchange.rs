@@ -530,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 client_cert: self.tls.as_ref().and_then(|t| t.client_cert.as_deref()),
             };
             let started = Instant::now();
-            let now_us = crate::policy::unix_now_us();
+            let now_us = crate::clock::unix_now_us();
             let decision = gate::assess(&policy, &facts, now_us);
             METRICS
                 .gate_duration
@@ -540,7 +540,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         // The pure decision leaves the quota to the limiter service.
         let mut decision = decision;
         if let Some(need) = decision.pending {
-            match worker.quota(&need, crate::policy::unix_now_us()).await {
+            match worker.quota(&need, crate::clock::unix_now_us()).await {
                 Some(outcome) => decision.settle(outcome),
                 None => decision.unavailable(),
             }
@@ -602,7 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             Err(refusal) => return self.refuse(x, head, refusal).await,
         };
         let issuer: Arc<Issuer> = worker.shared.issuer.clone();
-        let now = crate::policy::unix_now_us();
+        let now = crate::clock::unix_now_us();
         let request_id = x.request_id.clone();
         let answer = if endpoint == Endpoint::Token {
             // Bounded and put on the blocking pool by the issuer itself.
@@ -685,7 +685,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let timestamp = match &hook.timestamp {
                 Some((ts_header, tolerance)) => crate::webhook::check_timestamp(
                     text(&view, ts_header),
-                    crate::policy::unix_now(),
+                    crate::clock::unix_now(),
                     tolerance.as_secs(),
                 )
                 .map(Some),
@@ -797,10 +797,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut retried = false;
         let (mut up_conn, resp) = loop {
             // A retry never goes back to the pool: a fresh connection.
-            let pooled = if retried { None } else { worker.pool.take(up) };
+            let pooled = if retried {
+                None
+            } else {
+                worker.pool.take(&up.endpoint)
+            };
             let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
-                None => match upstream::connect(up).await {
+                None => match upstream::connect(&up.endpoint).await {
                     Ok(conn) => (conn, false),
                     Err(e) => return self.upstream_failed(x, head, Failure::Connect(e)).await,
                 },
@@ -903,7 +907,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
         };
         if keep_alive && ended_clean {
-            worker.pool.put(up, up_conn);
+            worker.pool.put(&up.endpoint, up_conn);
         }
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
@@ -1207,7 +1211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             | crate::http1::upstream::ConnectError::Tls(e),
         ) = &f
         {
-            tracing::warn!(upstream = %x.policy.upstream.url, error = %e, "upstream connection failed");
+            tracing::warn!(upstream = %x.policy.upstream.endpoint.url, error = %e, "upstream connection failed");
         }
         let next = self.refuse(x, head, Refusal::Upstream(f)).await?;
         // The request may be half sent: never reuse this client connection.

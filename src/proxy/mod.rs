@@ -32,7 +32,7 @@ pub use reload::{reload_now, Status};
 
 use crate::issue::Issuer;
 use crate::limit::Limiter;
-use crate::metrics::{record_policy, METRICS};
+use crate::metrics::METRICS;
 use crate::policy::{Policy, PolicyStore, RedisSettings, StateBackend};
 use crate::state::families::RedisStore;
 use crate::state::fleet::RedisLimits;
@@ -48,8 +48,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
 
     let server_settings = policy.server.clone();
     let relay_listen = policy.relay.as_ref().map(|r| r.listen);
-    record_policy(policy.counts(), true);
-    crate::metrics::zero_policy_series(&policy);
+    reload::policy_metrics(&policy);
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
     let (issuer, fleet, shared_store) = match &policy.state {
@@ -91,6 +90,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     };
     let issuer = Arc::new(issuer);
     let store = Arc::new(PolicyStore::new(path, policy));
+    crate::issue::prepare_dummy_hash(store.load());
     let status = Arc::new(Status::default());
 
     let conf = ServerConf {
@@ -192,7 +192,7 @@ fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<Arc<dyn Stat
     let saved = store
         .load_limits()
         .map_err(|e| anyhow::anyhow!("reading limiter state from {}: {e}", dir.display()))?;
-    let restored = limiter.restore(saved, crate::policy::unix_now_us());
+    let restored = limiter.restore(saved, crate::clock::unix_now_us());
     tracing::info!(accounts = restored, state_dir = %dir.display(), "limiter state restored");
     let store: Arc<dyn StateStore> = Arc::new(store);
     spawn_flusher(limiter.clone(), store.clone());

@@ -187,7 +187,7 @@ impl Relay {
             }
         }
         let body = read_bounded(session, relay.max_body).await?;
-        let timestamp = crate::policy::unix_now().to_string();
+        let timestamp = crate::clock::unix_now().to_string();
         let signed_ts = subscriber
             .timestamp_header
             .as_ref()

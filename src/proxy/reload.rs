@@ -9,8 +9,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde_json::{json, Value};
 
-use crate::metrics::{record_policy, METRICS};
-use crate::policy::{PolicyStore, ReloadOutcome};
+use crate::metrics::METRICS;
+use crate::policy::{Policy, PolicyStore, ReloadOutcome};
 
 /// The last reload's outcome, for `/readyz`.
 #[derive(Default)]
@@ -55,12 +55,12 @@ pub fn reload_now(store: &PolicyStore, status: &Status, trigger: &str) -> Result
             tracing::info!(%trigger, %file, %counts, "configuration reloaded");
             METRICS.config_reloads.with_label_values(&["success"]).inc();
             METRICS.config_last_reload_success.set(1);
-            record_policy(counts, true);
-            crate::metrics::zero_policy_series(&store.load());
+            policy_metrics(&store.load());
+            crate::issue::prepare_dummy_hash(store.load());
             let summary = json!({
                 "result": "success",
                 "trigger": trigger,
-                "at": crate::policy::unix_now(),
+                "at": crate::clock::unix_now(),
                 "warnings": warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "restart_needed_for": needs_restart,
             });
@@ -77,7 +77,7 @@ pub fn reload_now(store: &PolicyStore, status: &Status, trigger: &str) -> Result
             let summary = json!({
                 "result": "failure",
                 "trigger": trigger,
-                "at": crate::policy::unix_now(),
+                "at": crate::clock::unix_now(),
                 "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
             });
             status.set(summary.clone());
@@ -280,6 +280,64 @@ impl BackgroundService for FileWatcher {
                 seen = fingerprints(&self.store);
                 loaded = content_hash(&self.store);
             }
+        }
+    }
+}
+
+/// The policy's series after a successful (re)load: its object counts, the
+/// time, and every series it names (tiers, webhook paths, certificates) at
+/// 0 so that `rate()` and `increase()` work before the first event.
+pub fn policy_metrics(policy: &Policy) {
+    let m = &*METRICS;
+    let counts = policy.counts();
+    for (kind, n) in [
+        ("users", counts.users),
+        ("api_keys", counts.api_keys),
+        ("client_certs", counts.client_certs),
+        ("routes", counts.routes),
+        ("tiers", counts.tiers),
+        ("jwt_keys", counts.jwt_keys),
+    ] {
+        m.policy_objects.with_label_values(&[kind]).set(n as i64);
+    }
+    m.config_last_reload_success_timestamp
+        .set(crate::clock::unix_now() as i64);
+    for code in crate::gate::Denial::CODES
+        .iter()
+        .chain(["invalid_signature", "method_not_allowed"].iter())
+    {
+        m.auth_denials.with_label_values(&[code]);
+    }
+    // The certificates served now, and only they.
+    m.tls_cert_expiry.reset();
+    if let Some(tls) = &policy.server.tls {
+        for cert in &tls.certs {
+            m.tls_cert_expiry
+                .with_label_values(&[&cert.name, &cert.subject])
+                .set(cert.not_after);
+        }
+        for result in ["ok", "resumed"] {
+            for version in ["TLSv1.2", "TLSv1.3"] {
+                m.tls_handshakes.with_label_values(&[result, version]);
+            }
+        }
+        m.tls_handshakes.with_label_values(&["failed", "none"]);
+        m.tls_handshakes.with_label_values(&["timeout", "none"]);
+    }
+    for tier in &policy.tiers {
+        m.rate_limited.with_label_values(&[&tier.name]);
+    }
+    for hook in &policy.webhooks {
+        for result in [
+            "valid",
+            "mismatch",
+            "malformed",
+            "missing",
+            "stale",
+            "too_large",
+        ] {
+            m.webhook_verifications
+                .with_label_values(&[&hook.path, result]);
         }
     }
 }

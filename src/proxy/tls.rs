@@ -10,10 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::exchange::{self, TlsInfo, Worker};
-use crate::gate::{normalize_subject, PeerCert};
+use crate::gate::PeerCert;
 use crate::http1::encode::header;
 use crate::http1::parse::parse_request;
 use crate::metrics::METRICS;
+use crate::policy::normalize_subject;
 use crate::policy::Policy;
 use crate::tls::{version_label, TlsPolicy};
 

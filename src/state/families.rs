@@ -321,7 +321,7 @@ impl RedisStore {
     pub fn import_limit(&self, s: &Snapshot) -> Result<(), StateError> {
         let key = format!("{}:limit:{{{:032x}}}", self.prefix, s.account);
         // Expire when the bucket is full again, as the script does.
-        let now_us = crate::policy::unix_now_us();
+        let now_us = crate::clock::unix_now_us();
         let ms = s.tat_us.saturating_sub(now_us) / 1000 + 1000;
         self.call("import", |c| {
             redis::pipe()

@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 
 use super::topology::AsyncConn;
 
-use crate::gate::QuotaNeed;
+use crate::limit::QuotaNeed;
 use crate::limit::{AccountId, Outcome, Quota};
 use crate::metrics::METRICS;
 use crate::policy::RedisSettings;

@@ -441,7 +441,7 @@ pub fn spawn_flusher(limiter: Arc<Limiter>, store: Arc<dyn StateStore>) {
                     since_purge += EVICT_EVERY;
                     if since_purge >= PURGE_EVERY {
                         since_purge = Duration::ZERO;
-                        match store.purge_expired(crate::policy::unix_now()) {
+                        match store.purge_expired(crate::clock::unix_now()) {
                             Ok(n) if n > 0 => tracing::info!(purged = n, "expired refresh tokens purged"),
                             Ok(_) => {}
                             Err(e) => {
@@ -450,7 +450,7 @@ pub fn spawn_flusher(limiter: Arc<Limiter>, store: Arc<dyn StateStore>) {
                             }
                         }
                     }
-                    let evicted = limiter.evict_idle(crate::policy::unix_now_us());
+                    let evicted = limiter.evict_idle(crate::clock::unix_now_us());
                     if !evicted.is_empty() {
                         if let Err(e) = store.forget_limits(&evicted) {
                             METRICS.state_errors.with_label_values(&["evict"]).inc();

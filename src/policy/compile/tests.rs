@@ -1,4 +1,5 @@
 use super::*;
+use crate::clock::unix_now;
 use crate::policy::testing::{base_toml, compile_str, secrets};
 
 fn errors_of(src: &str) -> Vec<ConfigError> {

@@ -318,7 +318,7 @@ impl Cx<'_> {
                 return None;
             }
         };
-        let now = crate::policy::unix_now() as i64;
+        let now = crate::clock::unix_now() as i64;
         let at = |t: i64| {
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64),
