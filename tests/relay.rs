@@ -190,3 +190,28 @@ fn kg_metric(kg: &Keygate, result: &str) -> f64 {
         "keygate_webhook_relay_deliveries_total{{result=\"{result}\"}}"
     ))
 }
+
+#[test]
+fn fields_the_sender_names_in_connection_stay_on_its_hop() {
+    use std::io::{Read, Write};
+    let s = start();
+    let dest = format!("http://127.0.0.1:{}/hooks/events", s.receiver.port);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.kg.relay_port)).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nhost: relay\r\nconnection: close, x-hop-secret\r\n\
+         x-hop-secret: for-the-relay-only\r\nx-event-type: vm.created\r\n\
+         x-webhook-subscriber: cust-42\r\nx-webhook-destination: {dest}\r\n\
+         content-length: {}\r\n\r\n",
+        EVENT.len()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(EVENT).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = s.receiver.last();
+    assert_eq!(seen.header("x-event-type"), Some("vm.created"));
+    assert_eq!(seen.header("x-hop-secret"), None, "{:?}", seen.headers);
+}

@@ -38,6 +38,16 @@ impl<'a> HopByHop<'a> {
         HopByHop { named }
     }
 
+    /// The same for a message held as an `http::HeaderMap` (the webhook
+    /// relay's, read by pingora).
+    pub fn of_map(headers: &'a http::HeaderMap) -> HopByHop<'a> {
+        let mut named = Vec::new();
+        for value in headers.get_all(http::header::CONNECTION) {
+            named.extend(tokens(value.as_bytes()));
+        }
+        HopByHop { named }
+    }
+
     /// `name` belongs to this hop only.
     pub fn drops(&self, name: &[u8]) -> bool {
         HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))

@@ -18,6 +18,7 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorType};
 
+use crate::http1::encode::HopByHop;
 use crate::metrics::METRICS;
 use crate::policy::{Destination, PolicyStore, Relay as RelayPolicy};
 
@@ -166,21 +167,14 @@ impl Relay {
             format!("{}:{}", dest.host, dest.port)
         };
         let mut passed = Vec::new();
+        let hop = HopByHop::of_map(headers);
         for (name, value) in headers.iter() {
-            let n = name.as_str();
-            let skip = matches!(
-                n,
-                "host"
-                    | "connection"
-                    | "keep-alive"
-                    | "transfer-encoding"
-                    | "content-length"
-                    | "te"
-                    | "upgrade"
-                    | "proxy-connection"
-                    | "x-webhook-subscriber"
-                    | "x-webhook-destination"
-            ) || *name == subscriber.header
+            let skip = hop.drops(name.as_str().as_bytes())
+                || matches!(
+                    name.as_str(),
+                    "x-webhook-subscriber" | "x-webhook-destination"
+                )
+                || *name == subscriber.header
                 || subscriber.timestamp_header.as_ref() == Some(name);
             if !skip {
                 passed.push((name.clone(), value.clone()));
