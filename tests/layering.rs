@@ -173,3 +173,18 @@ fn the_reader_finds_edges_and_skips_comments_and_tests() {
     // And it sees the real crate: the proxy uses the gate.
     assert!(edges().contains_key(&("proxy".to_string(), "gate".to_string())));
 }
+
+#[test]
+fn no_source_file_is_over_700_lines() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let lines = std::fs::read_to_string(f).unwrap().lines().count();
+            (lines > 700).then(|| format!("{} ({lines} lines)", f.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "split these by what they do: {long:?}");
+}

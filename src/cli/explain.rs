@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-use crate::gate::{self, AuthMethod, Decision, Denial, PeerCert, RequestFacts};
+use crate::gate::{self, AuthMethod, Decision, Denial, Holder, PeerCert, RequestFacts};
 use crate::limit::Limiter;
 use crate::policy::{Access, Policy, Rate};
 use crate::proxy::dispatch::{dispatch, Dispatch};
@@ -321,19 +321,27 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
     let Some(p) = d.principal else {
         return decision(&mut line, policy, d);
     };
-    let who = match (p.user, p.key) {
-        (Some(u), Some(k)) => format!(
+    let who = match p.holder {
+        Holder::Key {
+            key: k,
+            owner: Some(u),
+        } => format!(
             "key {:?} owned by user {:?} <{}>",
             policy.api_key(k).id,
             policy.user(u).id,
             policy.user(u).email
         ),
-        (Some(u), None) => format!("user {:?} <{}>", policy.user(u).id, policy.user(u).email),
-        (None, Some(k)) if p.method == AuthMethod::Mtls => {
+        Holder::User(u) => format!("user {:?} <{}>", policy.user(u).id, policy.user(u).email),
+        Holder::Key {
+            key: k,
+            owner: None,
+        } if p.method == AuthMethod::Mtls => {
             format!("client certificate {:?}", policy.api_key(k).id)
         }
-        (None, Some(k)) => format!("key {:?} (no owner)", policy.api_key(k).id),
-        (None, None) => String::new(),
+        Holder::Key {
+            key: k,
+            owner: None,
+        } => format!("key {:?} (no owner)", policy.api_key(k).id),
     };
     line("principal", who);
     line("ip rule", verdict(failed_at("ip")).to_string());

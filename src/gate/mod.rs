@@ -91,60 +91,97 @@ impl AuthMethod {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Principal {
     pub method: AuthMethod,
-    pub user: Option<UserIdx>,
-    pub key: Option<KeyIdx>,
+    pub holder: Holder,
+}
+
+/// A user (a JWT), or an API key or client certificate binding, which may
+/// have an owner: never neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    User(UserIdx),
+    Key { key: KeyIdx, owner: Option<UserIdx> },
 }
 
 impl Principal {
+    /// A JWT's user.
+    pub fn user_token(user: UserIdx) -> Principal {
+        Principal {
+            method: AuthMethod::Jwt,
+            holder: Holder::User(user),
+        }
+    }
+
+    /// An API key or client certificate binding (`method` says which).
+    pub fn key(method: AuthMethod, policy: &Policy, key: KeyIdx) -> Principal {
+        Principal {
+            method,
+            holder: Holder::Key {
+                key,
+                owner: policy.api_key(key).owner,
+            },
+        }
+    }
+
+    /// The user it speaks for: the token's, or the key's owner.
+    pub fn user(&self) -> Option<UserIdx> {
+        match self.holder {
+            Holder::User(u) => Some(u),
+            Holder::Key { owner, .. } => owner,
+        }
+    }
+
+    /// The API key (or certificate binding) it came with.
+    pub fn key_idx(&self) -> Option<KeyIdx> {
+        match self.holder {
+            Holder::User(_) => None,
+            Holder::Key { key, .. } => Some(key),
+        }
+    }
+
     /// The user's id, or for a key without an owner the key's id.
     pub fn subject<'p>(&self, policy: &'p Policy) -> &'p HeaderValue {
-        match (self.user, self.key) {
-            (Some(u), _) => &policy.user(u).id_header,
-            (None, Some(k)) => &policy.api_key(k).id_header,
-            (None, None) => unreachable!("a principal has a user or a key"),
+        match self.holder {
+            Holder::User(u) | Holder::Key { owner: Some(u), .. } => &policy.user(u).id_header,
+            Holder::Key { key, owner: None } => &policy.api_key(key).id_header,
         }
     }
 
     pub fn subject_str<'p>(&self, policy: &'p Policy) -> &'p str {
-        match (self.user, self.key) {
-            (Some(u), _) => &policy.user(u).id,
-            (None, Some(k)) => &policy.api_key(k).id,
-            (None, None) => unreachable!("a principal has a user or a key"),
+        match self.holder {
+            Holder::User(u) | Holder::Key { owner: Some(u), .. } => &policy.user(u).id,
+            Holder::Key { key, owner: None } => &policy.api_key(key).id,
         }
     }
 
     pub fn tier(&self, policy: &Policy) -> TierIdx {
-        match (self.key, self.user) {
-            (Some(k), _) => policy.api_key(k).tier,
-            (None, Some(u)) => policy.user(u).tier,
-            (None, None) => unreachable!("a principal has a user or a key"),
+        match self.holder {
+            Holder::User(u) => policy.user(u).tier,
+            Holder::Key { key, .. } => policy.api_key(key).tier,
         }
     }
 
     /// Current permissions: a key's (already capped by its owner's), else the user's.
     pub fn permissions<'p>(&self, policy: &'p Policy) -> &'p Permissions {
-        match (self.key, self.user) {
-            (Some(k), _) => &policy.api_key(k).permissions,
-            (None, Some(u)) => &policy.user(u).permissions,
-            (None, None) => unreachable!("a principal has a user or a key"),
+        match self.holder {
+            Holder::User(u) => &policy.user(u).permissions,
+            Holder::Key { key, .. } => &policy.api_key(key).permissions,
         }
     }
 
     /// The limiter account: the user's (shared by its keys) or the key's own.
     pub fn account(&self, policy: &Policy) -> AccountId {
-        match (self.key, self.user) {
-            (Some(k), _) => policy.api_key(k).account,
-            (None, Some(u)) => policy.user(u).account,
-            (None, None) => unreachable!("a principal has a user or a key"),
+        match self.holder {
+            Holder::User(u) => policy.user(u).account,
+            Holder::Key { key, .. } => policy.api_key(key).account,
         }
     }
 
     /// The key's allowlist and its owner's both apply.
     pub fn ip_permitted(&self, policy: &Policy, ip: IpAddr) -> bool {
-        self.key
+        self.key_idx()
             .is_none_or(|k| policy.api_key(k).ip_allow.permits(ip))
             && self
-                .user
+                .user()
                 .is_none_or(|u| policy.user(u).ip_allow.permits(ip))
     }
 }
@@ -280,25 +317,13 @@ fn judge<H: HeaderSource + ?Sized>(
         Err(Denial::MissingCredentials) => {
             let cert = req.client_cert.ok_or(Denial::MissingCredentials)?;
             let idx = credential::find_client_cert(policy, cert, now)?;
-            Principal {
-                method: AuthMethod::Mtls,
-                user: policy.api_key(idx).owner,
-                key: Some(idx),
-            }
+            Principal::key(AuthMethod::Mtls, policy, idx)
         }
         Err(e) => return Err(e),
-        Ok(Credential::Jwt(token)) => Principal {
-            method: AuthMethod::Jwt,
-            user: Some(jwt::verify(policy, token, now)?),
-            key: None,
-        },
+        Ok(Credential::Jwt(token)) => Principal::user_token(jwt::verify(policy, token, now)?),
         Ok(Credential::ApiKey(key)) => {
             let idx = credential::find_api_key(policy, key, now)?;
-            Principal {
-                method: AuthMethod::ApiKey,
-                user: policy.api_key(idx).owner,
-                key: Some(idx),
-            }
+            Principal::key(AuthMethod::ApiKey, policy, idx)
         }
     };
     decision.principal = Some(principal);

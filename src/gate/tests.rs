@@ -184,7 +184,7 @@ fn api_key_in_either_header_authenticates() {
     assert!(a.allowed() && b.allowed());
     let p = a.principal.unwrap();
     assert_eq!(p.method, AuthMethod::ApiKey);
-    assert_eq!(p.user, None);
+    assert_eq!(p.user(), None);
     assert_eq!(a.principal, b.principal);
 }
 
@@ -667,7 +667,7 @@ fn assess_is_pure_and_leaves_the_quota_to_the_limiter() {
     let need = d.pending.expect("bob's free tier is limited");
     assert_eq!(
         need.account,
-        policy.user(d.principal.unwrap().user.unwrap()).account
+        policy.user(d.principal.unwrap().user().unwrap()).account
     );
     assert!(d.verdict.is_ok() && !d.allowed(), "undecided until settled");
     let limiter = Limiter::new();

@@ -119,7 +119,7 @@ pub fn request_head(
     if let Some(p) = plan.principal {
         let tier = policy.tier(p.tier(policy));
         header(out, b"x-auth-subject", p.subject(policy).as_bytes());
-        if let Some(user) = p.user {
+        if let Some(user) = p.user() {
             header(
                 out,
                 b"x-auth-email",
@@ -133,7 +133,7 @@ pub fn request_head(
             p.permissions(policy).header().as_bytes(),
         );
         header(out, b"x-auth-method", p.method.header().as_bytes());
-        if let Some(key) = p.key {
+        if let Some(key) = p.key_idx() {
             header(
                 out,
                 b"x-auth-key-id",

@@ -115,7 +115,7 @@ impl Exchange {
                         .or(self.subject.as_deref()),
                     auth_method: principal.map(|p| p.method.as_str()),
                     key_id: principal
-                        .and_then(|p| p.key)
+                        .and_then(|p| p.key_idx())
                         .map(|k| &*policy.api_key(k).id),
                     tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
                     code,
