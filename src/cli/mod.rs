@@ -283,10 +283,16 @@ pub fn new_api_key(req: &NewKey<'_>, out: &mut dyn std::io::Write) -> anyhow::Re
 }
 
 /// The secret named by `--secret-env`.
+/// The secret in `var`, read as the configuration's `secret_env` is.
 fn webhook_secret(var: &str) -> anyhow::Result<Vec<u8>> {
-    match std::env::var(var) {
+    use crate::config::SecretSource;
+    let source = crate::config::EnvAndFiles {
+        base: PathBuf::new(),
+    };
+    match source.env(var) {
         Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
-        _ => bail!("environment variable {var} is not set (or empty)"),
+        Ok(_) => bail!("environment variable {var} is empty"),
+        Err(e) => bail!("{e}"),
     }
 }
 

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::*;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
     /// A malformed head: the documented JSON error, then close.
     pub(super) async fn refuse_head(&mut self, worker: &Worker, e: WireError) {
         let started = Instant::now();

@@ -6,7 +6,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::*;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
     /// Decode the next run of request body into `out` (as chunks when
     /// `chunked`): first what is in hand, else one read from the client.
     pub(super) async fn pull_body(

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::*;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
     /// Send the request upstream (its body re-framed from the client's, or
     /// `buffered`), then relay the answer.
     pub(super) async fn forward(
@@ -201,9 +201,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await
         {
             Ok(clean) => clean,
-            Err(Relay::Gone) => return Err(Gone),
+            Err(RelayStop::Gone) => return Err(Gone),
             // Nothing reached the client yet: it can still be told.
-            Err(Relay::BrokenBeforeHead) => {
+            Err(RelayStop::BrokenBeforeHead) => {
                 self.out.clear();
                 return self.upstream_failed(x, head, Failure::Protocol).await;
             }
@@ -368,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         reframe: Reframe,
         timeout: Duration,
         bytes_out: &mut u64,
-    ) -> Result<bool, Relay> {
+    ) -> Result<bool, RelayStop> {
         let mut decoder = Decoder::new(kind);
         let mut pos = start;
         let mut head_sent = false;
@@ -381,7 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             });
             let used = match decoded {
                 Ok(n) => n,
-                Err(_) if !head_sent => return Err(Relay::BrokenBeforeHead),
+                Err(_) if !head_sent => return Err(RelayStop::BrokenBeforeHead),
                 // Broken framing: the client sees the answer cut off.
                 Err(_) => return Err(self.cut_off()),
             };
@@ -391,7 +391,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             if !self.out.is_empty() {
                 if send(&mut self.stream, &self.out).await.is_err() {
-                    return Err(Relay::Gone);
+                    return Err(RelayStop::Gone);
                 }
                 *bytes_out += self.out.len() as u64;
                 self.out.clear();
@@ -409,7 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     // A close-delimited answer ended.
                     if reframe == Reframe::Chunks {
                         if send(&mut self.stream, LAST_CHUNK).await.is_err() {
-                            return Err(Relay::Gone);
+                            return Err(RelayStop::Gone);
                         }
                         *bytes_out += LAST_CHUNK.len() as u64;
                     }
@@ -423,9 +423,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// An answer broke after its head went out: count it and end the
     /// client connection without the body's end.
-    pub(super) fn cut_off(&self) -> Relay {
+    pub(super) fn cut_off(&self) -> RelayStop {
         METRICS.upstream_errors.with_label_values(&["other"]).inc();
-        Relay::Gone
+        RelayStop::Gone
     }
 
     /// 502 or 504 when nothing of the answer has reached the client yet.

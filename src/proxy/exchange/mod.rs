@@ -142,7 +142,7 @@ where
     // Counted until this future ends or is dropped (an HTTP/2 stream's
     // exchange is aborted when the client resets it).
     let _in_flight = InFlight::new(worker.clone());
-    let mut client = Client {
+    let mut client = Downstream {
         stream,
         tls,
         peer,
@@ -191,7 +191,9 @@ impl Drop for InFlight {
     }
 }
 
-struct Client<S> {
+/// The downstream connection: the client's stream and what this side of
+/// keygate keeps for it between requests.
+struct Downstream<S> {
     stream: S,
     tls: Option<TlsInfo>,
     peer: IpAddr,
@@ -214,7 +216,7 @@ struct Client<S> {
     up_headers: Vec<Header>,
 }
 
-impl<S> Drop for Client<S> {
+impl<S> Drop for Downstream<S> {
     fn drop(&mut self) {
         spare::give(std::mem::take(&mut self.buf));
         spare::give(std::mem::take(&mut self.out));
@@ -325,7 +327,7 @@ impl HeaderSource for HeadView<'_> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
     /// The next request head, or `None` when the connection should end
     /// quietly (closed, idle too long, shutting down).
     pub(super) async fn next_head(
@@ -491,7 +493,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 }
 
 /// Why relaying an answer stopped early.
-enum Relay {
+enum RelayStop {
     /// The client is gone, or was cut off mid-answer.
     Gone,
     /// The answer's body broke before any of it was written.
