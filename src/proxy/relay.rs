@@ -31,7 +31,7 @@ pub struct Relay {
 }
 
 /// A refusal or failure, answered as the usual JSON error.
-struct Failure {
+struct RelayError {
     status: u16,
     code: &'static str,
     message: String,
@@ -44,8 +44,8 @@ fn fail(
     code: &'static str,
     message: impl Into<String>,
     result: &'static str,
-) -> Failure {
-    Failure {
+) -> RelayError {
+    RelayError {
         status,
         code,
         message: message.into(),
@@ -115,7 +115,7 @@ impl Relay {
         &self,
         session: &mut ServerSession,
         relay: &RelayPolicy,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<Answer, RelayError> {
         let headers = &session.req_header().headers;
         let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         let id = text(&SUBSCRIBER).ok_or_else(|| {
@@ -280,7 +280,7 @@ impl Relay {
     }
 }
 
-async fn read_bounded(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, Failure> {
+async fn read_bounded(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, RelayError> {
     let too_large = || {
         fail(
             413,
