@@ -1,6 +1,6 @@
 //! The wall clock, for what is stored or compared across processes
-//! (token times, limiter state, expiry). Hot paths read it once per
-//! request and pass the value on.
+//! (token times, limiter state, expiry). A step of the hot path reads it
+//! once and passes the value on.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

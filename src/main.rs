@@ -1,4 +1,5 @@
-//! The `keygate` command line. Parsing only; each command lives in `keygate::cli`.
+//! The `keygate` command line. Parsing only; each command but `completions`
+//! and `man` (which need the parser itself) lives in `keygate::cli`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,7 +1,8 @@
 //! Every Prometheus metric keygate exports, registered once in the default
-//! registry (the one pingora's own metrics use, so `/metrics` shows both).
-//! Label values come from the policy's names (route patterns, tier names)
-//! or from fixed sets, never from raw paths, subjects or keys.
+//! registry, beside the prometheus crate's own `process_*` metrics. Label
+//! values come from the policy's names (route patterns, tier names,
+//! certificate subjects) or from fixed sets, never from raw paths, token
+//! subjects or keys.
 
 use std::sync::LazyLock;
 

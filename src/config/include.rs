@@ -1,8 +1,9 @@
-//! `include = ["users.d/*.toml", "keys.toml"]`: users, API keys and routes
+//! `include = ["users.d/*.toml", "keys.toml"]`: users, API keys, client
+//! certificate bindings and routes
 //! in files of their own (written by other tools, owned by other teams).
 //!
-//! An included file holds only `[[users]]`, `[[api_keys]]` and `[[routes]]`
-//! entries; they are added to the main file's. The files are read as one
+//! An included file holds only `[[users]]`, `[[api_keys]]`,
+//! `[[client_certs]]` and `[[routes]]` entries; they are added to the main file's. The files are read as one
 //! document (the main file, then each included file in order, a pattern's
 //! matches sorted by name), and every diagnostic names the file and the
 //! line it came from. Patterns are relative to the main file; `*` matches

@@ -1,5 +1,6 @@
 //! The TOML file as written by operators: serde structs that mirror it field
-//! for field, and nothing else. Every value that needs checking (durations,
+//! for field, plus how the file is read (includes, secret sources,
+//! diagnostics). Every value that needs checking (durations,
 //! CIDRs, names that refer to other entries) is kept as a [`Spanned`] string
 //! so that `policy::compile` can report all problems at once, each with its
 //! line and column. Nothing outside `policy` ever reads these structs.
@@ -24,8 +25,8 @@ pub type Str = Spanned<String>;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    /// Files holding more `[[users]]`, `[[api_keys]]` and `[[routes]]`
-    /// (see [`include`]); already joined in by the time this is parsed.
+    /// Files holding more `[[users]]`, `[[api_keys]]`, `[[client_certs]]` and `[[routes]]`
+    /// (see [`mod@include`]); already joined in by the time this is parsed.
     pub include: Option<Vec<Str>>,
     #[serde(default)]
     pub server: Server,

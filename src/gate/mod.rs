@@ -1,9 +1,11 @@
 //! The decision pipeline, as plain Rust over plain data: no pingora types,
-//! no I/O, one clock reading passed in. The proxy, the benches and `keygate
-//! explain` all call [`decide`].
+//! no I/O, one clock reading passed in. `keygate explain` and the benches
+//! call [`decide`]; the proxy calls [`assess`] and puts the quota it needs
+//! to its own limiter (local or Redis).
 //!
-//! Order (DESIGN.md, "HTTP behaviour"): client IP → global allowlist → route
-//! → credential → principal → principal allowlist → permissions.
+//! Order: client IP → route (a case-ambiguous path refused) → global
+//! allowlist → credential → principal → principal allowlist → permissions
+//! → tier quota.
 
 pub mod client_ip;
 mod credential;

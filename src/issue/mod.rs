@@ -1,9 +1,9 @@
 //! Issuing credentials: `POST token_path` (login), `POST refresh_path`
-//! (rotation with reuse detection), `POST revoke_path`, and the JWKS the
-//! proxy serves. [`Issuer::login`] is async and puts its blocking parts
-//! (argon2, Redis, a durable commit) on the blocking pool itself, inside
-//! the bounds of [`bounds`]; `refresh` and `revoke` block, and the proxy
-//! calls them on the blocking pool, never on a proxy thread.
+//! (rotation with reuse detection) and `POST revoke_path`. [`Issuer::login`]
+//! is async: argon2 runs on the verifier threads of [`bounds`], its Redis
+//! calls and the durable commit on the blocking pool. `refresh` and
+//! `revoke` block, and the proxy calls them on the blocking pool, never on
+//! a proxy thread.
 
 mod access;
 pub mod bounds;

@@ -1,6 +1,6 @@
 //! The compiled policy: everything a request needs, validated and indexed
 //! once, with no serde types and nothing left to parse on the hot path.
-//! [`compile`] is the one conversion from `config::File`; [`PolicyStore`] is
+//! [`compile()`] is the one conversion from `config::File`; [`PolicyStore`] is
 //! the one `ArcSwap` through which requests see the current policy.
 
 mod client_cert;

@@ -21,7 +21,7 @@ pub const RS_PUBLIC: &str = include_str!("../../tests/fixtures/keys/rs256.pub.pe
 pub const ATTACKER_ED_PRIVATE: &str =
     include_str!("../../tests/fixtures/keys/attacker_ed25519.pem");
 
-/// Plain-text API keys whose hashes `BASE` lists.
+/// Plain-text API keys whose hashes `base_toml()` lists.
 pub const KEY_DEPLOY: &str = "vmc_test_deploy";
 pub const KEY_CI: &str = "vmc_test_ci";
 pub const KEY_EXPIRED: &str = "vmc_test_expired";

@@ -3,7 +3,7 @@
 //! key, password or query string.
 //!
 //! Lines are written off the event loop: a proxy thread formats its line
-//! into a buffer of its own (no allocation, lock or channel per line) and
+//! into a buffer of its own (in JSON: no allocation, lock or channel per line) and
 //! hands the buffer to a writer thread through a bounded queue when it
 //! holds [`HANDOFF_BYTES`] or, at the latest, every [`WRITE_EVERY`] (the
 //! worker's [`tick`]); the writer wakes every 20 ms and sends whatever has

@@ -2,7 +2,7 @@
 //!
 //! Each stream becomes the HTTP/1.1 request it stands for, written by
 //! [`request_head`] from the stream's decoded (and by `h2` validated)
-//! header list, and is served by the very same [`exchange::serve`] as an
+//! header list, and is served by the very same `exchange::serve` as an
 //! HTTP/1.1 connection, through an in-memory pipe: dispatch, gate, forward
 //! plan, upstream pool, access log and metrics are one copy. Nothing of
 //! the client's framing crosses: the head is rewritten, the body is

@@ -1,7 +1,7 @@
 //! The application on keygate's HTTP/1.1 engine ([`crate::http1`]):
 //! [`dispatch`] (auth endpoint, webhook or gate), the [`forward`] plan of
-//! headers, one [`refusal`] type for every answer keygate writes itself, and
-//! the connection glue in `exchange`. Also the process: one pingora `Server`
+//! headers, one [`refusal`] type for every refusal it writes on the public
+//! listener, and the connection glue in `exchange`. Also the process: one pingora `Server`
 //! (signals, graceful shutdown) running the public listener (`front`), the
 //! admin listener, the webhook relay and the reload triggers.
 

@@ -1,6 +1,7 @@
-//! Every way keygate answers a request itself instead of forwarding it, and
-//! the one place that maps each to status, code, message and extra headers.
-//! All are written in the documented JSON shape.
+//! Every way keygate refuses a request on the public listener instead of
+//! forwarding it, and the one place that maps each to status, code, message
+//! and extra headers, all in the documented JSON shape. (The webhook relay,
+//! the TLS redirect listener and the admin listener answer on their own.)
 
 use std::borrow::Cow;
 

@@ -1,5 +1,6 @@
-//! Applying a reload and remembering how the last one went. Every trigger
-//! (SIGHUP, `POST /reload`) goes through [`reload_now`], so the log lines,
+//! Applying a reload and remembering how the last one went, and two of its
+//! triggers (SIGHUP, the file watcher). Every trigger, `POST /reload` too,
+//! goes through [`reload_now`], so the log lines,
 //! metrics and `/readyz` detail are the same whatever asked for it.
 
 use std::sync::Mutex;

@@ -1,5 +1,5 @@
 //! The TLS side of the public listener: the handshake in front of
-//! [`exchange::serve`], and the plain-HTTP listener that only redirects.
+//! `exchange::serve`, and the plain-HTTP listener that only redirects.
 
 use std::net::IpAddr;
 use std::rc::Rc;

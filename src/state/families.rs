@@ -27,7 +27,7 @@
 //! - `{prefix}:limit:{<account>}`: login throttles, the same GCRA hash as
 //!   the tier limiter's (see [`super::fleet`]).
 //!
-//! Calls block, with `timeout` as the socket deadline: the token endpoints
+//! Calls block, with `token_timeout` as the socket deadline: the token endpoints
 //! run on blocking threads beside argon2. Any failure is
 //! [`StateError::Unavailable`], which the endpoints answer with 503
 //! `state_unavailable`: refresh and revoke always fail closed.

@@ -1,6 +1,7 @@
-//! `keygate state export` / `import`: moving live state between stores
-//! (the embedded one to Redis, typically, when one sidecar becomes a
-//! fleet), so that refresh tokens stay valid and quotas stay spent.
+//! `keygate state export` / `import`: moving the embedded store's live
+//! state to Redis (when one sidecar becomes a fleet) or to another embedded
+//! store, so that refresh tokens stay valid and quotas stay spent. Redis
+//! itself is not exported.
 //!
 //! The format is JSON lines: a header, then one record per line. Token
 //! hashes, never tokens, are in it; it still deserves the care of a
@@ -9,7 +10,7 @@
 //! ```text
 //! {"keygate_state":1}
 //! {"limit":{"account":"<32 hex>","interval_us":36000000,"tat_us":1780000000000000}}
-//! {"refresh":{"hash":"<64 hex>","user":"u_alice","family":"<32 hex>","issued_at":…,"expires_at":…,"spent":false}}
+//! {"refresh":{"hash":"<64 hex>","user":"u_alice","family":"<32 hex>","issued_at":…,"expires_at":…,"spent":false,"auth_time":…}}
 //! {"revoked":{"family":"<32 hex>","until":…}}
 //! ```
 

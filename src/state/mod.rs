@@ -1,8 +1,9 @@
 //! State that outlives a request: limiter state, refresh-token families
-//! and login throttles. [`StateStore`] is the embedded store's interface
-//! ([`RedbStore`], in `server.state_dir`); a fleet keeps the same state in
-//! Redis ([`fleet`] for limits, [`families`] for refresh tokens, over the
-//! connections of [`topology`]). [`migrate`] moves it between the two.
+//! and login throttles. [`StateStore`] is what both stores implement:
+//! [`RedbStore`] (embedded, in `server.state_dir`) and, for a fleet, Redis
+//! ([`families`]: refresh tokens and login throttles; [`fleet`]: limits;
+//! [`topology`]: the connections). [`migrate`] moves the embedded store's
+//! state to Redis or to another embedded store.
 //!
 //! Limiter state is written behind: [`spawn_flusher`] runs on its own
 //! thread, so disk latency or errors never reach a proxy thread.

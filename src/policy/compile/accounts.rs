@@ -1,4 +1,4 @@
-//! `[[tiers]]`, `[[users]]`, `[[api_keys]]` and `[[client_certs]]`: who may
+//! `[tiers.<name>]`, `[[users]]`, `[[api_keys]]` and `[[client_certs]]`: who may
 //! call, under which limits, and the indexes requests look them up by.
 
 use std::collections::{HashMap, HashSet};

@@ -1,4 +1,4 @@
-//! `[auth]` and `[[jwt_keys]]`: token lifetimes, endpoint paths, the
+//! `[auth]` and `[[auth.keys]]`: token lifetimes, endpoint paths, the
 //! signing and verifying keys, and the JWK set published from them.
 
 use std::collections::HashSet;

@@ -60,8 +60,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         self.forward(worker, head, x, target, principal, None).await
     }
 
-    /// Login, refresh, revoke and JWKS. The blocking work (argon2, durable
-    /// commits) runs on the blocking pool, never on this proxy thread.
+    /// Login, refresh, revoke and JWKS. The slow work (argon2 on the login
+    /// verifiers, Redis and durable commits on the blocking pool) never runs
+    /// on this proxy thread.
     pub(super) async fn serve_endpoint(
         &mut self,
         worker: &Worker,

@@ -4,8 +4,8 @@
 //!
 //! Nothing the client framed is passed through: the upstream gets a head
 //! written by [`forward::request_head`] and a body decoded by
-//! [`Decoder`] and re-encoded here (`content-length` when the whole body is
-//! in hand, else chunked), without trailers; the client gets the answer
+//! [`Decoder`] and re-encoded here (`content-length` when its length is
+//! known, else chunked), without trailers; the client gets the answer
 //! re-framed the same way. A body whose framing breaks after its head went
 //! upstream ends that upstream connection and gets the client a 400.
 //!

@@ -49,11 +49,11 @@ const DENY_CACHE_MAX: usize = 250_000;
 /// How often the deny cache is swept of expired entries.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// GCRA for n units at once. KEYS[1]: the account's hash. ARGV: the
+/// GCRA for n units at once. `KEYS[1]`: the account's hash. ARGV: the
 /// emission interval and the tolerance (burst × interval), in µs, and n
 /// (0 only looks: login throttles look before they spend). Grants the
 /// first k ≤ n units that fit and returns `{k, base_us}`, where `base_us`
-/// is how far the TAT ran ahead of now before them; [`unit`] turns that
+/// is how far the TAT ran ahead of now before them; [`unit()`] turns that
 /// into each unit's answer. Numbers are written with `%.0f`: Lua would
 /// print a µs timestamp as `1.7e+15`.
 pub const GCRA: &str = r#"
