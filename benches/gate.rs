@@ -157,6 +157,7 @@ fn bench_decisions(c: &mut Criterion) {
     for (name, headers, path) in &cases {
         let facts = RequestFacts {
             peer,
+            client_ip: None,
             method: &get,
             path,
             headers,
@@ -224,6 +225,7 @@ fn bench_decisions(c: &mut Criterion) {
                     }
                     let facts = RequestFacts {
                         peer,
+                        client_ip: None,
                         method: &get,
                         path: "/v1/vms/vm-1",
                         headers: &pool[next],

@@ -166,6 +166,7 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
 
     let facts = RequestFacts {
         peer: req.ip,
+        client_ip: None,
         method: &method,
         path: &path,
         headers: &headers,

@@ -31,6 +31,10 @@ use crate::policy::{Access, KeyIdx, Permissions, Policy, Rate, RouteIdx, TierIdx
 pub struct RequestFacts<'a, H: HeaderSource + ?Sized = HeaderMap> {
     /// The socket peer.
     pub peer: IpAddr,
+    /// The client address when the caller resolved it already (the proxy's
+    /// request record does, once); `None`: resolved here from `peer` and
+    /// the trusted proxies' headers.
+    pub client_ip: Option<IpAddr>,
     pub method: &'a Method,
     /// Already normalised (see [`path::normalize`]).
     pub path: &'a str,
@@ -259,7 +263,9 @@ pub fn assess<H: HeaderSource + ?Sized>(
     req: &RequestFacts<'_, H>,
     now_us: u64,
 ) -> Decision {
-    let client_ip = client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies);
+    let client_ip = req.client_ip.unwrap_or_else(|| {
+        client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies)
+    });
     let route = policy.router.lookup(req.method, req.path);
     // Express and ASP.NET route without regard to letter case: `/ADMIN`
     // must not pass by missing a rule that `/admin` would meet.

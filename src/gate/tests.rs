@@ -52,6 +52,7 @@ impl Req {
             &Limiter::new(),
             &RequestFacts {
                 peer: self.peer,
+                client_ip: None,
                 method: &self.method,
                 path: self.path,
                 headers: &self.headers,
@@ -497,6 +498,7 @@ fn decide_shared(r: &Req, policy: &Policy, limiter: &Limiter) -> Decision {
         limiter,
         &RequestFacts {
             peer: r.peer,
+            client_ip: None,
             method: &r.method,
             path: r.path,
             headers: &r.headers,
@@ -658,6 +660,7 @@ fn assess_is_pure_and_leaves_the_quota_to_the_limiter() {
         .from("198.51.100.9");
     let facts = RequestFacts {
         peer: r.peer,
+        client_ip: None,
         method: &r.method,
         path: r.path,
         headers: &r.headers,

@@ -17,6 +17,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         target: Target,
     ) -> Step<Next> {
         let policy = x.policy.clone();
+        // One clock reading for the decision and its quota.
+        let now_us = crate::clock::unix_now_us();
         let decision = {
             let view = HeadView {
                 buf: &self.buf,
@@ -24,13 +26,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
             };
             let facts = RequestFacts {
                 peer: self.peer,
+                client_ip: Some(x.client_ip),
                 method: &head.method,
                 path: &x.path,
                 headers: &view,
                 client_cert: self.tls.as_ref().and_then(|t| t.client_cert.as_deref()),
             };
             let started = Instant::now();
-            let now_us = crate::clock::unix_now_us();
             let decision = gate::assess(&policy, &facts, now_us);
             METRICS
                 .gate_duration
@@ -40,7 +42,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         // The pure decision leaves the quota to the limiter service.
         let mut decision = decision;
         if let Some(need) = decision.pending {
-            match worker.quota(&need, crate::clock::unix_now_us()).await {
+            match worker.quota(&need, now_us).await {
                 Some(outcome) => decision.settle(outcome),
                 None => decision.unavailable(),
             }
@@ -97,7 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
             );
             return self.refuse(x, head, Refusal::Issue(e)).await;
         }
-        let client_ip = gate::client_ip::resolve(self.peer, &view, &policy.server.trusted_proxies);
+        let client_ip = x.client_ip;
         let body = match self.read_body(head, x, crate::issue::MAX_BODY).await? {
             Ok(body) => body,
             Err(refusal) => return self.refuse(x, head, refusal).await,
@@ -152,13 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
                 .inc();
         };
         let policy = x.policy.clone();
-        let client_ip = {
-            let view = HeadView {
-                buf: &self.buf,
-                headers: &head.headers,
-            };
-            gate::client_ip::resolve(self.peer, &view, &policy.server.trusted_proxies)
-        };
+        let client_ip = x.client_ip;
         if !policy.server.ip_allow.permits(client_ip) {
             return self
                 .refuse(x, head, Refusal::Gate(Denial::IpNotAllowed))
