@@ -1151,6 +1151,11 @@ fn connections_are_capped_in_all_and_per_client_address() {
         let mut buf = [0u8; 512];
         matches!(s.read(&mut buf), Ok(n) if n > 12 && buf.starts_with(b"HTTP/1.1 200"))
     };
+    // The start-up check's own connection to the public port must be gone
+    // first: it counts until keygate has seen it close.
+    wait_for("the start-up probe to close", || {
+        kg.metric("keygate_connections_open") == 0.0
+    });
     let mut a1 = connect("127.0.0.1");
     let mut a2 = connect("127.0.0.1");
     assert!(works(&mut a1) && works(&mut a2));
