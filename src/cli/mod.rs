@@ -282,7 +282,6 @@ pub fn new_api_key(req: &NewKey<'_>, out: &mut dyn std::io::Write) -> anyhow::Re
     Ok(())
 }
 
-/// The secret named by `--secret-env`.
 /// The secret in `var`, read as the configuration's `secret_env` is.
 fn webhook_secret(var: &str) -> anyhow::Result<Vec<u8>> {
     use crate::config::SecretSource;

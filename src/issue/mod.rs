@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use access::sign_access_token;
-pub use password::{dummy_hash_for, dummy_hash_like, prepare_dummy_hash, verify_password};
+pub use password::{dummy_hash_for, dummy_hash_like, verify_password};
 
 use crate::limit::account_id;
 use crate::limit::{AccountId, Quota};

@@ -74,7 +74,8 @@ pub fn dummy_hash_like(like: Option<&str>) -> String {
 
 /// The hash a login verifies when it names no user with a password, so
 /// that every failed login costs the same: shaped like the policy's first
-/// password hash, made once per shape (an argon2 run) and kept. Empty —
+/// password hash, made once per shape (an argon2 run) and kept: the
+/// proxy makes it before a policy serves, at boot and on reload. Empty —
 /// nothing to verify — when no user has a password.
 pub fn dummy_hash_for(policy: &Policy) -> Arc<str> {
     static MADE: Mutex<Vec<(String, Arc<str>)>> = Mutex::new(Vec::new());
@@ -102,19 +103,6 @@ pub fn dummy_hash_for(policy: &Policy) -> Arc<str> {
     }
     all.push((shape, hash.clone()));
     hash
-}
-
-/// Make the policy's dummy hash now, off the caller's thread, so that the
-/// first login for an unknown email does not pay for it.
-pub fn prepare_dummy_hash(policy: Arc<Policy>) {
-    let made = std::thread::Builder::new()
-        .name("dummy-hash".into())
-        .spawn(move || {
-            dummy_hash_for(&policy);
-        });
-    if let Err(e) = made {
-        tracing::warn!(error = %e, "cannot prepare the login dummy hash; the first unknown login makes it");
-    }
 }
 
 #[cfg(test)]

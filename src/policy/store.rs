@@ -83,8 +83,9 @@ impl PolicyStore {
 
     /// Read, compile and publish the file again. A file with any error
     /// changes nothing. Call it off the proxy threads: it reads files and
-    /// may resolve the upstream's name.
-    pub fn reload(&self) -> ReloadOutcome {
+    /// may resolve the upstream's name. `prepare` runs on the new policy
+    /// before requests see it (the login's dummy hash is made there).
+    pub fn reload(&self, prepare: impl FnOnce(&Policy)) -> ReloadOutcome {
         let _one_at_a_time = self
             .reloading
             .lock()
@@ -110,6 +111,7 @@ impl PolicyStore {
             Ok(compiled) => {
                 let needs_restart = restart_only_changes(&self.boot, &compiled.policy);
                 let counts = compiled.policy.counts();
+                prepare(&compiled.policy);
                 self.current.store(Arc::new(compiled.policy));
                 ReloadOutcome::Applied {
                     counts,

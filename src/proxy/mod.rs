@@ -90,7 +90,9 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     };
     let issuer = Arc::new(issuer);
     let store = Arc::new(PolicyStore::new(path, policy));
-    crate::issue::prepare_dummy_hash(store.load());
+    // Made before serving, so no login pays for it (or shows by its time
+    // that its email is unknown).
+    crate::issue::dummy_hash_for(&store.load());
     let status = Arc::new(Status::default());
 
     let conf = ServerConf {

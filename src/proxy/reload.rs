@@ -37,7 +37,9 @@ impl Status {
 /// Reload the policy file now. Blocking: call it from a blocking thread.
 pub fn reload_now(store: &PolicyStore, status: &Status, trigger: &str) -> Result<Value, Value> {
     let file = store.path().display().to_string();
-    match store.reload() {
+    match store.reload(|policy| {
+        crate::issue::dummy_hash_for(policy);
+    }) {
         ReloadOutcome::Applied {
             counts,
             warnings,
@@ -57,7 +59,6 @@ pub fn reload_now(store: &PolicyStore, status: &Status, trigger: &str) -> Result
             METRICS.config_reloads.with_label_values(&["success"]).inc();
             METRICS.config_last_reload_success.set(1);
             policy_metrics(&store.load());
-            crate::issue::prepare_dummy_hash(store.load());
             let summary = json!({
                 "result": "success",
                 "trigger": trigger,
