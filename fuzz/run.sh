@@ -24,6 +24,9 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+# The lock file is committed and current: a stale one fails here rather
+# than being rewritten by every run.
+(cd fuzz && cargo +nightly metadata --locked --format-version 1 >/dev/null)
 cargo +nightly fuzz build
 
 work=$(mktemp -d)

@@ -88,8 +88,13 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// Decimal digits of `n`, without `fmt` (a few header values per request).
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
+    out.extend_from_slice(u64_digits(n, &mut digits));
+}
+
+/// `n` in decimal, written at the end of `digits`.
+pub fn u64_digits(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -99,7 +104,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    &digits[i..]
 }
 
 #[cfg(test)]

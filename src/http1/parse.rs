@@ -386,18 +386,39 @@ pub fn parse_request(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(WireError::Malformed("incomplete request line"));
     };
-    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+    spans(buf, req.headers, &mut headers);
+    check_request(
+        buf,
+        method.as_bytes(),
+        target.as_bytes(),
+        minor,
+        headers,
+        len,
+    )
+    .map(Some)
+}
+
+/// The one validation of a request head, whichever protocol brought it:
+/// the method, the target, `Host`, the framing fields. `target` and the
+/// header spans lie in `buf`; `len` is the head's length in it.
+fn check_request(
+    buf: &[u8],
+    method: &[u8],
+    target: &[u8],
+    minor: u8,
+    headers: Vec<Header>,
+    len: usize,
+) -> Result<RequestHead, WireError> {
+    if method.iter().any(u8::is_ascii_lowercase) {
         // Methods are case-sensitive, but Django, Werkzeug and older gunicorn
         // upper-case them: `delete` would pass a rule for DELETE.
         return Err(WireError::Malformed("the method must be upper case"));
     }
-    let method = Method::from_bytes(method.as_bytes())
-        .map_err(|_| WireError::Malformed("invalid method"))?;
+    let method = Method::from_bytes(method).map_err(|_| WireError::Malformed("invalid method"))?;
     if method == Method::CONNECT {
         return Err(WireError::Malformed("CONNECT is not served"));
     }
-    let (target, path_len, authority) = split_target(buf, target.as_bytes())?;
-    spans(buf, req.headers, &mut headers);
+    let (target, path_len, authority) = split_target(buf, target)?;
     let f = framing(buf, &headers)?;
     if (minor == 1 && f.hosts != 1) || f.hosts > 1 {
         // RFC 9112 §3.2: a server must refuse a request without exactly one.
@@ -436,7 +457,7 @@ pub fn parse_request(
     } else {
         !f.close
     };
-    Ok(Some(RequestHead {
+    Ok(RequestHead {
         method,
         target,
         path_len,
@@ -450,7 +471,51 @@ pub fn parse_request(
         expect_continue: f.expect_continue && minor == 1 && body != BodyKind::None,
         upgrade: f.upgrade_token && f.upgrade_header,
         underscore: f.underscore,
-    }))
+    })
+}
+
+/// A request head that arrived as a list of fields (an HTTP/2 stream's),
+/// laid out in one buffer so that [`check_request`] reads and checks it
+/// exactly as it does an HTTP/1.1 head.
+pub struct Assembled {
+    buf: Vec<u8>,
+    headers: Vec<Header>,
+    target: Span,
+}
+
+impl Assembled {
+    /// Start with the request target (origin form) in `buf` (cleared).
+    pub fn new(mut buf: Vec<u8>, target: &[u8]) -> Assembled {
+        buf.clear();
+        buf.extend_from_slice(target);
+        Assembled {
+            target: Span::new(0, buf.len()),
+            buf,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn field(&mut self, name: &[u8], value: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(name);
+        let mid = self.buf.len();
+        self.buf.extend_from_slice(value);
+        self.headers.push(Header {
+            name: Span::new(start, mid),
+            value: Span::new(mid, self.buf.len()),
+        });
+    }
+
+    /// The head as HTTP/1.1 would have it, held to the same rules, and the
+    /// buffer its spans point into (given back on refusal too).
+    pub fn finish(self, method: &[u8]) -> (Vec<u8>, Result<RequestHead, WireError>) {
+        if self.headers.len() > MAX_HEADERS {
+            return (self.buf, Err(WireError::TooLarge));
+        }
+        let target = self.target.get(&self.buf);
+        let head = check_request(&self.buf, method, target, 1, self.headers, self.buf.len());
+        (self.buf, head)
+    }
 }
 
 /// The reason phrase of the status line at the start of `buf`, taken from

@@ -1,5 +1,5 @@
-//! Connections to the upstream: plain TCP or TLS, each worker's pool of
-//! idle keep-alive connections, and when a request may be sent again. A
+//! Connections to the upstream: plain TCP or TLS, and each worker's pool
+//! of idle keep-alive connections. A
 //! pool belongs to one worker thread, so taking and returning a connection
 //! is a `Vec` push and pop, no lock.
 
@@ -10,7 +10,6 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::Method;
 use pingora::tls::{ClientConfig, ClientTlsStream, RootCertStore, ServerName, TlsConnector};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -27,17 +26,6 @@ pub struct Endpoint {
     /// Host name for TLS SNI (empty for plain HTTP).
     pub sni: String,
     pub connect_timeout: Duration,
-}
-
-/// Whether a request that failed on a reused connection, before any byte
-/// of an answer came, may be sent again on a fresh one: only when the
-/// upstream cannot have acted on it twice (RFC 9110 §9.2.2, idempotent
-/// methods). A POST or PATCH the upstream read and then dropped is a 502.
-pub fn may_retry(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    )
 }
 
 /// Idle connections kept per worker thread (nginx's `keepalive` directive).

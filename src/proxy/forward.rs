@@ -13,8 +13,9 @@
 use std::net::IpAddr;
 
 use crate::gate::{Principal, RateInfo};
-use crate::http1::encode::{header, push_u64, status_line, HopByHop};
+use crate::http1::encode::{header, push_u64, HopByHop};
 use crate::http1::parse::{HeadView, RequestHead, ResponseHead};
+use crate::http1::Fields;
 use crate::policy::Policy;
 
 /// Headers that ask the upstream to run another method than the one the
@@ -189,11 +190,11 @@ pub fn allowed_upgrade<'p>(policy: &'p Policy, head: &RequestHead, buf: &[u8]) -
         .map(|p| &**p)
 }
 
-/// Write the response head the client receives into `out` (cleared): the
-/// upstream's status and headers minus hop-by-hop ones and those keygate
+/// Write the fields of the answer the client receives into `out`: the
+/// upstream's headers minus hop-by-hop ones and those keygate
 /// sets (`X-Request-Id`, and the rate-limit headers when it sends its own).
 pub fn response_head(
-    out: &mut Vec<u8>,
+    out: &mut dyn Fields,
     resp: &ResponseHead,
     buf: &[u8],
     request_id: &str,
@@ -205,8 +206,6 @@ pub fn response_head(
         headers: &resp.headers,
     };
     let hop = HopByHop::of(&view);
-    out.clear();
-    status_line(out, resp.status, resp.reason.get(buf));
     let refused = rate.is_some_and(|(_, r)| !r.outcome.allowed);
     for h in &resp.headers {
         let name = h.name.get(buf);
@@ -224,11 +223,11 @@ pub fn response_head(
         {
             continue;
         }
-        header(out, name, h.value.get(buf));
+        out.field(name, h.value.get(buf));
     }
-    header(out, b"x-request-id", request_id.as_bytes());
+    out.field(b"x-request-id", request_id.as_bytes());
     if let Some(hsts) = hsts {
-        header(out, b"strict-transport-security", hsts.as_bytes());
+        out.field(b"strict-transport-security", hsts.as_bytes());
     }
     if let Some((policy, rate)) = rate {
         rate_headers(out, policy, rate);
@@ -237,30 +236,25 @@ pub fn response_head(
 
 /// `X-RateLimit-*`, and the IETF pair `RateLimit-Policy` / `RateLimit`
 /// (draft-ietf-httpapi-ratelimit-headers-09); on a refusal also `Retry-After`.
-pub fn rate_headers(out: &mut Vec<u8>, policy: &Policy, rate: &RateInfo) {
+pub fn rate_headers(out: &mut dyn Fields, policy: &Policy, rate: &RateInfo) {
     let o = rate.outcome;
     let tier = policy.tier(rate.tier);
-    out.extend_from_slice(b"x-ratelimit-limit: ");
-    push_u64(out, o.limit.into());
-    out.extend_from_slice(b"\r\nx-ratelimit-remaining: ");
-    push_u64(out, o.remaining.into());
-    out.extend_from_slice(b"\r\nx-ratelimit-reset: ");
-    push_u64(out, o.reset_secs);
-    out.extend_from_slice(b"\r\n");
+    out.field_u64(b"x-ratelimit-limit", o.limit.into());
+    out.field_u64(b"x-ratelimit-remaining", o.remaining.into());
+    out.field_u64(b"x-ratelimit-reset", o.reset_secs);
     if let Some(p) = &tier.policy_header {
-        header(out, b"ratelimit-policy", p.as_bytes());
+        out.field(b"ratelimit-policy", p.as_bytes());
     }
-    out.extend_from_slice(b"ratelimit: \"");
-    out.extend_from_slice(tier.name.as_bytes());
-    out.extend_from_slice(b"\";r=");
-    push_u64(out, o.remaining.into());
-    out.extend_from_slice(b";t=");
-    push_u64(out, o.reset_secs);
-    out.extend_from_slice(b"\r\n");
+    let mut value = Vec::with_capacity(tier.name.len() + 32);
+    value.push(b'"');
+    value.extend_from_slice(tier.name.as_bytes());
+    value.extend_from_slice(b"\";r=");
+    push_u64(&mut value, o.remaining.into());
+    value.extend_from_slice(b";t=");
+    push_u64(&mut value, o.reset_secs);
+    out.field(b"ratelimit", &value);
     if !o.allowed {
-        out.extend_from_slice(b"retry-after: ");
-        push_u64(out, o.retry_after_secs);
-        out.extend_from_slice(b"\r\n");
+        out.field_u64(b"retry-after", o.retry_after_secs);
     }
 }
 

@@ -10,7 +10,6 @@
 //! place, its head rewritten into one write, and a lock-free per-thread
 //! pool of upstream keep-alive connections.
 
-use std::cell::Cell;
 use std::net::{IpAddr, TcpListener as StdListener};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,10 +21,9 @@ use dashmap::DashMap;
 use pingora::server::ListenFds;
 use pingora::server::ShutdownWatch;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use super::exchange::{self, Shared, Worker};
-use crate::http1::upstream;
 use crate::metrics::METRICS;
 
 /// The proxy listener as a pingora service: started with the server,
@@ -164,15 +162,7 @@ fn run_worker(
                 super::access_log::tick();
             }
         });
-        let worker = Rc::new(Worker {
-            shared,
-            redis: Default::default(),
-            lanes: Default::default(),
-            pool: upstream::Pool::new(),
-            draining: Cell::new(false),
-            drain: Notify::new(),
-            active: Cell::new(0),
-        });
+        let worker = Rc::new(Worker::new(shared));
         let tls_at_start = worker.shared.store.boot_tls();
         let mut tls_now = tls_at_start.clone();
         loop {

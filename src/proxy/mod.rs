@@ -12,13 +12,13 @@ mod exchange;
 pub mod forward;
 mod front;
 pub mod h2;
+mod limiter;
 pub mod notify;
 pub mod refusal;
 mod relay;
 mod reload;
 pub mod sample_upstream;
 pub mod tls;
-mod tunnel;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -6,9 +6,10 @@
 use std::borrow::Cow;
 
 use crate::gate::Denial;
-use crate::http1::encode::{header, header_u64};
+use crate::http1::client::Failure;
 use crate::http1::parse::WireError;
 use crate::http1::upstream::ConnectError;
+use crate::http1::Fields;
 use crate::issue::IssueError;
 
 pub enum Refusal {
@@ -28,16 +29,6 @@ pub enum Refusal {
     /// A method the endpoint does not serve; the value is its `Allow` header.
     MethodNotAllowed(&'static str),
     Upstream(Failure),
-}
-
-/// What went wrong on the way to the upstream's answer.
-pub enum Failure {
-    Connect(ConnectError),
-    /// Closed or reset before a whole answer head arrived.
-    Broken,
-    Timeout,
-    /// The answer was not strict HTTP/1.1 (or switched protocols unasked).
-    Protocol,
 }
 
 impl Refusal {
@@ -107,25 +98,25 @@ impl Refusal {
 
     /// Headers beyond the ones every JSON answer carries: challenges and
     /// `Retry-After`.
-    pub fn headers(&self, out: &mut Vec<u8>) {
+    pub fn headers(&self, out: &mut dyn Fields) {
         match self {
             Refusal::Gate(d) => {
                 if let Some(c) = d.challenge() {
-                    header(out, b"www-authenticate", c.as_bytes());
+                    out.field(b"www-authenticate", c.as_bytes());
                 }
             }
             Refusal::Issue(e) => {
                 if let Some(c) = e.challenge() {
-                    header(out, b"www-authenticate", c.as_bytes());
+                    out.field(b"www-authenticate", c.as_bytes());
                 }
                 if let Some(secs) = e.retry_after() {
-                    header_u64(out, b"retry-after", secs);
+                    out.field_u64(b"retry-after", secs);
                 }
             }
-            Refusal::MethodNotAllowed(allow) => header(out, b"allow", allow.as_bytes()),
+            Refusal::MethodNotAllowed(allow) => out.field(b"allow", allow.as_bytes()),
             Refusal::Signature { header: name, .. } => {
                 let challenge = format!(r#"HMAC-SHA256 realm="keygate", header="{name}""#);
-                header(out, b"www-authenticate", challenge.as_bytes());
+                out.field(b"www-authenticate", challenge.as_bytes());
             }
             _ => {}
         }

@@ -1,93 +1,35 @@
-//! The application's rooms on a connection: the gate branch (decide, limit,
-//! then forward or refuse), the auth endpoints, and verified webhooks.
+//! The auth endpoints keygate serves itself: login, refresh, revoke and
+//! JWKS, and the bounded read of a body keygate uses itself.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use super::{Downstream, Gone, Refusal, Req, Step};
+use crate::gate::header_text;
+use crate::http1::parse::{BodyKind, WireError};
+use crate::http1::BodyFailure;
+use crate::issue::{IssueError, Issuer};
+use crate::proxy::dispatch::Endpoint;
 
-use super::*;
+/// The whole of a body keygate reads into memory (auth endpoints, webhooks)
+/// must arrive within this, however it is dripped.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
-    pub(super) async fn serve_gate(
-        &mut self,
-        worker: &Worker,
-        head: &RequestHead,
-        x: &mut Exchange,
-        target: Target,
-    ) -> Step<Next> {
-        let policy = x.policy.clone();
-        // One clock reading for the decision and its quota.
-        let now_us = crate::clock::unix_now_us();
-        let decision = {
-            let view = HeadView {
-                buf: &self.buf,
-                headers: &head.headers,
-            };
-            let facts = RequestFacts {
-                peer: self.peer,
-                client_ip: Some(x.client_ip),
-                method: &head.method,
-                path: &x.path,
-                headers: &view,
-                client_cert: self.tls.as_ref().and_then(|t| t.client_cert.as_deref()),
-            };
-            let started = Instant::now();
-            let decision = gate::assess(&policy, &facts, now_us);
-            METRICS
-                .gate_duration
-                .observe(started.elapsed().as_secs_f64());
-            decision
-        };
-        // The pure decision leaves the quota to the limiter service.
-        let mut decision = decision;
-        if let Some(need) = decision.pending {
-            match worker.quota(&need, now_us).await {
-                Some(outcome) => decision.settle(outcome),
-                None => decision.unavailable(),
-            }
-        }
-        let verdict = decision.verdict.clone();
-        let principal = decision.principal;
-        x.decision = Some(decision);
-        if let Err(denial) = verdict {
-            if denial == Denial::RateLimited {
-                if let Some(rate) = x.decision.as_ref().and_then(|d| d.rate) {
-                    let tier = &*policy.tier(rate.tier).name;
-                    METRICS.rate_limited.with_label_values(&[tier]).inc();
-                }
-            }
-            return self.refuse(x, head, Refusal::Gate(denial)).await;
-        }
-        self.forward(worker, head, x, target, principal, None).await
-    }
-
+impl<D: Downstream> Req<'_, D> {
     /// Login, refresh, revoke and JWKS. The slow work (argon2 on the login
     /// verifiers, Redis and durable commits on the blocking pool) never runs
     /// on this proxy thread.
-    pub(super) async fn serve_endpoint(
-        &mut self,
-        worker: &Worker,
-        head: &RequestHead,
-        x: &mut Exchange,
-        endpoint: Endpoint,
-    ) -> Step<Next> {
-        let policy = x.policy.clone();
-        if !endpoint.allows(&head.method) {
+    pub(super) async fn serve_endpoint(&mut self, endpoint: Endpoint) -> Step {
+        let policy = self.x.policy.clone();
+        if !endpoint.allows(&self.head.method) {
             let refusal = Refusal::MethodNotAllowed(endpoint.allow_header());
-            return self.refuse(x, head, refusal).await;
+            return self.refuse(refusal).await;
         }
         if endpoint == Endpoint::Jwks {
             let body = policy.jwks.clone().into_bytes();
-            return self
-                .answer(x, head, 200, "public, max-age=300", &body, |_| {})
-                .await;
+            return self.answer(200, "public, max-age=300", &body, |_| {}).await;
         }
-        let view = HeadView {
-            buf: &self.buf,
-            headers: &head.headers,
-        };
-        let json = view
+        let json = self
+            .view()
             .values(b"content-type")
             .next()
             .and_then(header_text)
@@ -97,16 +39,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
             let e = IssueError::InvalidRequest(
                 "the body must be JSON (Content-Type: application/json)",
             );
-            return self.refuse(x, head, Refusal::Issue(e)).await;
+            return self.refuse(Refusal::Issue(e)).await;
         }
-        let client_ip = x.client_ip;
-        let body = match self.read_body(head, x, crate::issue::MAX_BODY).await? {
+        let client_ip = self.x.client_ip;
+        let body = match self.read_body(crate::issue::MAX_BODY).await? {
             Ok(body) => body,
-            Err(refusal) => return self.refuse(x, head, refusal).await,
+            Err(refusal) => return self.refuse(refusal).await,
         };
-        let issuer: Arc<Issuer> = worker.shared.issuer.clone();
+        let issuer: Arc<Issuer> = self.worker.shared.issuer.clone();
         let now = crate::clock::unix_now_us();
-        let request_id = x.request_id.clone();
+        let request_id = self.x.request_id.clone();
         let answer = if endpoint == Endpoint::Token {
             // Bounded and put on the blocking pool by the issuer itself.
             issuer.login(policy, client_ip, body, now).await.map(Some)
@@ -122,86 +64,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         };
         match answer {
             Ok(tokens) => {
-                x.subject = tokens.as_ref().map(|t| t.subject.clone());
+                self.x.subject = tokens.as_ref().map(|t| t.subject.clone());
                 let body = match tokens {
                     Some(t) => serde_json::to_vec(&t).unwrap_or_default(),
                     None => b"{}".to_vec(),
                 };
                 // RFC 6749 §5.1: token responses are never cached.
-                self.answer(x, head, 200, "no-store", &body, |out| {
-                    header(out, b"pragma", b"no-cache");
+                self.answer(200, "no-store", &body, |out| {
+                    out.field(b"pragma", b"no-cache");
                 })
                 .await
             }
-            Err(e) => self.refuse(x, head, Refusal::Issue(e)).await,
+            Err(e) => self.refuse(Refusal::Issue(e)).await,
         }
     }
 
-    /// A `[[webhooks]]` path: read the whole body (bounded), check its
-    /// signature, and only then contact the upstream with that body.
-    pub(super) async fn serve_webhook(
+    /// The whole body, decoded, for keygate's own use; refused past `limit`
+    /// (checked against Content-Length first, then as bytes arrive), when
+    /// malformed, or when not whole within [`BODY_DEADLINE`].
+    pub(super) async fn read_body(
         &mut self,
-        worker: &Worker,
-        head: &RequestHead,
-        x: &mut Exchange,
-        hook: &Webhook,
-        target: Target,
-    ) -> Step<Next> {
-        let count = |result: &str| {
-            METRICS
-                .webhook_verifications
-                .with_label_values(&[&hook.path, result])
-                .inc();
-        };
-        let policy = x.policy.clone();
-        let client_ip = x.client_ip;
-        if !policy.server.ip_allow.permits(client_ip) {
-            return self
-                .refuse(x, head, Refusal::Gate(Denial::IpNotAllowed))
-                .await;
-        }
-        let body = match self.read_body(head, x, hook.max_body).await? {
-            Ok(body) => body,
-            Err(refusal) => {
-                if matches!(refusal, Refusal::Issue(IssueError::PayloadTooLarge(_))) {
-                    count("too_large");
-                }
-                return self.refuse(x, head, refusal).await;
+        limit: usize,
+    ) -> Result<Result<Vec<u8>, Refusal>, Gone> {
+        let too_large = Refusal::Issue(IssueError::PayloadTooLarge(limit));
+        if let BodyKind::Length(n) = self.head.body {
+            if n > limit as u64 {
+                return Ok(Err(too_large));
             }
-        };
-        let verdict = {
-            let view = HeadView {
-                buf: &self.buf,
-                headers: &head.headers,
-            };
-            fn text<'v>(view: &'v HeadView<'_>, name: &'v http::HeaderName) -> Option<&'v str> {
-                HeaderSource::values(view, name.as_str())
-                    .next()
-                    .and_then(header_text)
-            }
-            let timestamp = match &hook.timestamp {
-                Some((ts_header, tolerance)) => crate::webhook::check_timestamp(
-                    text(&view, ts_header),
-                    crate::clock::unix_now(),
-                    tolerance.as_secs(),
-                )
-                .map(Some),
-                None => Ok(None),
-            };
-            timestamp.and_then(|ts| {
-                crate::webhook::verify(&hook.secrets, text(&view, &hook.header), ts, &body)
-            })
-        };
-        if let Err(refusal) = verdict {
-            count(refusal.label());
-            let refusal = Refusal::Signature {
-                refusal,
-                header: hook.header.clone(),
-            };
-            return self.refuse(x, head, refusal).await;
         }
-        count("valid");
-        self.forward(worker, head, x, target, None, Some(&body))
-            .await
+        if self.down.continue_100().await.is_err() {
+            return Err(Gone);
+        }
+        let mut body = Vec::new();
+        let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+        while !self.down.body_done() {
+            if body.len() > limit {
+                return Ok(Err(too_large));
+            }
+            match tokio::time::timeout_at(deadline, self.down.pull_body(&mut body)).await {
+                Ok(Ok(used)) => self.x.progress.bytes_in += used as u64,
+                Ok(Err(BodyFailure::Gone)) => return Err(Gone),
+                Ok(Err(BodyFailure::Malformed(why))) => return Ok(Err(Refusal::Body(why))),
+                Err(_) => return Ok(Err(Refusal::Wire(WireError::Timeout))),
+            }
+        }
+        if body.len() > limit {
+            return Ok(Err(too_large));
+        }
+        Ok(Ok(body))
     }
 }

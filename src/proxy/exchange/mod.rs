@@ -1,83 +1,59 @@
-//! One client connection: read a request head, dispatch it (auth endpoint,
-//! webhook, or the gate), then answer from keygate or forward it and relay
-//! the answer; repeat while both sides keep the connection alive.
+//! The application, one request at a time: dispatch a parsed head (auth
+//! endpoint, webhook, or the gate), then answer from keygate or forward it
+//! and relay the answer. It sees a request through the engine's
+//! [`Downstream`], so HTTP/1.1 connections ([`serve`]) and HTTP/2 streams
+//! (`super::h2`) take the very same path: one dispatch, gate, forward
+//! plan, access log and metrics.
 //!
 //! Nothing the client framed is passed through: the upstream gets a head
-//! written by [`forward::request_head`] and a body decoded by
-//! [`Decoder`] and re-encoded here (`content-length` when its length is
-//! known, else chunked), without trailers; the client gets the answer
-//! re-framed the same way. A body whose framing breaks after its head went
-//! upstream ends that upstream connection and gets the client a 400.
+//! written by [`forward::request_head`] and a body the engine decoded and
+//! re-encodes; the client gets the answer re-framed by its downstream.
 //!
-//! Generic over the client stream (`AsyncRead + AsyncWrite`), so plain TCP
-//! and TLS share it.
-//!
-//! The connection and its loop live here; the rest, each in a file of its
-//! own: [`endpoints`] (the gate branch, auth endpoints, webhooks),
-//! [`forwarding`] (the upstream exchange and the answer's relay), [`body`]
-//! (request bodies, `100 Continue`, linger), [`answers`] (keygate's own
-//! JSON answers) and [`record`] (the request record and its log line).
+//! The rooms, each in a file of its own: [`gate_branch`] (decide, limit,
+//! then forward or refuse), [`endpoints`] (login, refresh, revoke, JWKS),
+//! [`webhooks`] (verified webhook paths), [`forwarding`] (the upstream
+//! exchange and the answer's relay), [`answers`] (keygate's own JSON
+//! answers) and [`record`] (the request record and its log line). The
+//! limiter is `super::limiter`.
 
 use std::cell::Cell;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use http::Method;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
-use super::dispatch::{dispatch, Dispatch, Endpoint};
-use super::forward::{self, Plan};
-use super::refusal::{Failure, Refusal};
-use crate::gate::{
-    self, header_text, Decision, Denial, HeaderSource, Principal, QuotaNeed, RequestFacts,
-};
-use crate::http1::body::{encode_chunk, BodyError, Decoder, LAST_CHUNK};
-use crate::http1::encode::{header, header_u64, reason, status_line};
-use crate::http1::parse::{self, BodyKind, HeadView, Header, RequestHead, ResponseHead, WireError};
-use crate::http1::upstream::{self, Conn, Pool};
-use crate::issue::{IssueError, Issuer};
-use crate::limit::{Limiter, Outcome};
-use crate::metrics::{method_label, status_class, status_code, METRICS};
-use crate::policy::{OnError, Policy, PolicyStore, Underscores, Webhook};
-use crate::proxy::access_log;
-use crate::state::fleet::{Answer, Lanes, RedisLimits};
-use crate::state::topology::AsyncConn;
+use super::dispatch::{dispatch, Dispatch};
+use super::limiter::LimitService;
+use super::refusal::Refusal;
+use crate::gate::{self, Denial, HeaderSource};
+use crate::http1::conn::{Conn, Shutdown};
+use crate::http1::parse::{HeadView, RequestHead};
+use crate::http1::upstream::Pool;
+use crate::http1::Downstream;
+use crate::issue::Issuer;
+use crate::limit::Limiter;
+use crate::policy::{PolicyStore, Underscores};
 
-/// How long a started request head, or the next piece of a request body,
-/// may take to arrive (nginx's `client_header_timeout` / `client_body_timeout`).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long an idle keep-alive connection waits for its next request
-/// (nginx's `keepalive_timeout` is 75 s).
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an unread request body is drained after an early answer.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-/// How long a write to the client may make no progress (nginx's
-/// `send_timeout` is 60 s): a client that stops reading does not hold its
-/// connection, and an upstream connection, forever.
-const SEND_TIMEOUT: Duration = Duration::from_secs(60);
-/// The whole of a body keygate reads into memory (auth endpoints, webhooks)
-/// must arrive within this, however it is dripped.
-const BODY_DEADLINE: Duration = Duration::from_secs(60);
-/// Interim (1xx) answers skipped before an upstream is deemed broken.
-const MAX_INTERIM: usize = 16;
-/// A client-sent request id is kept when it is this short and printable.
-const MAX_REQUEST_ID_LEN: usize = 128;
-const READ_CHUNK: usize = 16 * 1024;
-/// nginx's status for a request whose client went away before its answer.
-const CLIENT_CLOSED: u16 = 499;
+mod answers;
+mod endpoints;
+mod forwarding;
+mod gate_branch;
+mod record;
+mod webhooks;
+
+pub use answers::refuse_head;
+use record::{request_id, Exchange};
 
 /// What every worker shares.
 pub struct Shared {
     pub store: Arc<PolicyStore>,
-    /// This process's GCRA: the limiter itself with the embedded store, the
-    /// fallback under `on_error_limits = "local"` with Redis.
+    /// This process's GCRA (the issuer's login throttle uses it too).
     pub limiter: Arc<Limiter>,
     pub issuer: Arc<Issuer>,
     /// The limiter shared by a fleet, with `[state] backend = "redis"`.
-    pub fleet: Option<Arc<RedisLimits>>,
+    pub fleet: Option<Arc<crate::state::fleet::RedisLimits>>,
     /// Client connections open, for `server.max_connections*`.
     pub connections: Arc<super::front::Connections>,
 }
@@ -86,10 +62,8 @@ pub struct Shared {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub pool: Pool,
-    /// This thread's connection to Redis, in fleet mode; set up on first use.
-    pub redis: Rc<std::cell::RefCell<Option<AsyncConn>>>,
-    /// This thread's Redis limit calls in flight, batched by account.
-    pub lanes: Rc<Lanes>,
+    /// This thread's limiter service.
+    pub limits: LimitService,
     /// Set at shutdown: finish the request in hand, then close.
     pub draining: Cell<bool>,
     /// Wakes idle connections at shutdown.
@@ -97,30 +71,17 @@ pub struct Worker {
     pub active: Cell<usize>,
 }
 
-/// The connection's state after an exchange.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
-    /// The request was read to its end and both sides keep the connection.
-    KeepAlive,
-    /// Close now.
-    Close,
-    /// Close after draining what the client still sends: an answer went
-    /// out before its request body was read, and closing at once would
-    /// make the kernel reset the connection, losing the answer (nginx's
-    /// lingering close).
-    Linger,
-}
-
-/// The client went away (or broke the protocol where no answer can be
-/// given): close without a word.
-struct Gone;
-
-type Step<T> = Result<T, Gone>;
-
-/// Why a request body could not be read to its end.
-enum BodyFailure {
-    Gone,
-    Malformed(&'static str),
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Worker {
+        Worker {
+            limits: LimitService::new(shared.limiter.clone(), shared.fleet.clone()),
+            shared,
+            pool: Pool::new(),
+            draining: Cell::new(false),
+            drain: Notify::new(),
+            active: Cell::new(0),
+        }
+    }
 }
 
 /// What a TLS connection brings to its requests.
@@ -133,46 +94,69 @@ pub struct TlsInfo {
     pub client_cert: Option<Rc<gate::PeerCert>>,
 }
 
-/// Serve one accepted connection until either side ends it; `tls` when it
-/// came over TLS.
+/// Where a request came from: the same for every request of a connection.
+pub struct Origin {
+    pub peer: IpAddr,
+    /// `peer` as text, for `X-Forwarded-For`.
+    pub peer_text: String,
+    /// When it came over TLS.
+    pub tls: Option<TlsInfo>,
+}
+
+impl Origin {
+    pub fn new(peer: IpAddr, tls: Option<TlsInfo>) -> Origin {
+        Origin {
+            peer,
+            peer_text: peer.to_string(),
+            tls,
+        }
+    }
+
+    fn hsts(&self) -> Option<&str> {
+        self.tls.as_ref().and_then(|t| t.hsts.as_deref())
+    }
+
+    fn client_cert(&self) -> Option<&gate::PeerCert> {
+        self.tls.as_ref().and_then(|t| t.client_cert.as_deref())
+    }
+}
+
+/// The client went away (or broke the protocol where no answer can be
+/// given): close without a word.
+pub struct Gone;
+
+type Step = Result<(), Gone>;
+
+/// Serve one accepted HTTP/1.1 connection until either side ends it;
+/// `tls` when it came over TLS.
 pub async fn serve<S>(worker: Rc<Worker>, stream: S, peer: IpAddr, tls: Option<TlsInfo>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // Counted until this future ends or is dropped (an HTTP/2 stream's
-    // exchange is aborted when the client resets it).
     let _in_flight = InFlight::new(worker.clone());
-    let mut client = Downstream {
-        stream,
-        tls,
-        peer,
-        peer_text: peer.to_string(),
-        buf: spare::take(READ_CHUNK),
-        rest: Vec::new(),
-        rest_pos: 0,
-        out: spare::take(4096),
-        scratch: Vec::new(),
-        headers: Vec::new(),
-        up_buf: spare::take(READ_CHUNK),
-        up_headers: Vec::new(),
+    let origin = Origin::new(peer, tls);
+    let mut conn = Conn::new(stream);
+    let shutdown = Shutdown {
+        draining: &worker.draining,
+        notify: &worker.drain,
     };
-    let mut next = Next::Close;
-    while let Some(head) = client.next_head(&worker).await {
+    let mut next = crate::http1::conn::Next::Close;
+    while let Some(head) = conn.next_head(&shutdown).await {
         next = match head {
-            Ok(head) => client.exchange(&worker, head).await,
+            Ok(head) => {
+                let served = handle(&worker, &origin, &mut conn, &head).await;
+                conn.finish(Some(head), served.is_err())
+            }
             Err(e) => {
-                client.refuse_head(&worker, e).await;
-                Next::Linger
+                let served = answers::refuse_head(&worker, &origin, &mut conn, e).await;
+                conn.finish(None, served.is_err())
             }
         };
-        if next != Next::KeepAlive || worker.draining.get() {
+        if next != crate::http1::conn::Next::KeepAlive || worker.draining.get() {
             break;
         }
     }
-    let _ = client.stream.shutdown().await;
-    if next == Next::Linger {
-        client.linger().await;
-    }
+    conn.close(next).await;
 }
 
 /// One connection (or stream) in flight on a worker, for the drain.
@@ -191,130 +175,126 @@ impl Drop for InFlight {
     }
 }
 
-/// The downstream connection: the client's stream and what this side of
-/// keygate keeps for it between requests.
-struct Downstream<S> {
-    stream: S,
-    tls: Option<TlsInfo>,
-    peer: IpAddr,
-    /// `peer` as text, for `X-Forwarded-For`.
-    peer_text: String,
-    /// The current request head, from offset 0; between requests, what has
-    /// arrived of the next head.
-    buf: Vec<u8>,
-    /// Bytes received after the current head: its body, then whatever the
-    /// client pipelined behind it.
-    rest: Vec<u8>,
-    /// How much of `rest` the current request has used.
-    rest_pos: usize,
-    /// What is written next, to the client or the upstream.
-    out: Vec<u8>,
-    /// Re-encoded body bytes on their way to the upstream.
-    scratch: Vec<u8>,
-    headers: Vec<Header>,
-    up_buf: Vec<u8>,
-    up_headers: Vec<Header>,
-}
-
-impl<S> Drop for Downstream<S> {
-    fn drop(&mut self) {
-        spare::give(std::mem::take(&mut self.buf));
-        spare::give(std::mem::take(&mut self.out));
-        spare::give(std::mem::take(&mut self.up_buf));
-        spare::give(std::mem::take(&mut self.rest));
-    }
-}
-
-/// Buffers of finished connections, kept per thread for the next ones: a
-/// connection (and an HTTP/2 stream, one request each) starts without
-/// three fresh allocations of up to 16 KiB.
-mod spare {
-    use std::cell::RefCell;
-
-    /// At most this many buffers wait, none larger than [`MAX`].
-    const KEEP: usize = 256;
-    const MAX: usize = 64 * 1024;
-
-    thread_local! {
-        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// An empty buffer with room for at least `cap` bytes.
-    pub fn take(cap: usize) -> Vec<u8> {
-        let reused = SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            let i = s.iter().rposition(|b| b.capacity() >= cap)?;
-            Some(s.swap_remove(i))
-        });
-        reused.unwrap_or_else(|| Vec::with_capacity(cap))
-    }
-
-    pub fn give(mut buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > MAX {
-            return;
-        }
-        buf.clear();
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(buf);
-            }
-        });
-    }
-}
-
 /// The request target sent upstream: as received, or rewritten.
 enum Target {
     Buf(std::ops::Range<usize>),
     Owned(Vec<u8>),
 }
 
-/// How the answer's body reaches the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reframe {
-    /// As decoded: `content-length`, or close-delimited for HTTP/1.0.
-    Raw,
-    /// Re-encoded as chunks (close-delimited and chunked answers to HTTP/1.1).
-    Chunks,
+/// One request on its way through the application.
+struct Req<'a, D> {
+    worker: &'a Worker,
+    origin: &'a Origin,
+    down: &'a mut D,
+    head: &'a RequestHead,
+    /// The record: written to the log when it drops, however this ends.
+    x: Exchange,
+    /// The connection ends after this answer.
+    close: bool,
 }
 
-impl Worker {
-    /// The limiter's answer to `need`: this process's GCRA, or the fleet's
-    /// in Redis with `on_error_limits` when Redis cannot answer in time.
-    /// `None`: refuse with 503 (`closed`).
-    async fn quota(&self, need: &QuotaNeed, now_us: u64) -> Option<Outcome> {
-        let local = || self.shared.limiter.check(need.account, &need.quota, now_us);
-        let Some(fleet) = &self.shared.fleet else {
-            METRICS.limit_decisions.local.inc();
-            return Some(local());
+impl<D: Downstream> Req<'_, D> {
+    fn view(&self) -> HeadView<'_> {
+        HeadView {
+            buf: self.down.head_buf(),
+            headers: &self.head.headers,
+        }
+    }
+}
+
+/// Answer one parsed request, from whichever downstream it came.
+pub async fn handle<D: Downstream>(
+    worker: &Worker,
+    origin: &Origin,
+    down: &mut D,
+    head: &RequestHead,
+) -> Step {
+    let policy = worker.shared.store.load();
+    let (request_id, client_ip, user_agent) = {
+        let view = HeadView {
+            buf: down.head_buf(),
+            headers: &head.headers,
         };
-        let answer = fleet.check(&self.lanes, &self.redis, need).await;
-        let counted = &METRICS.limit_decisions;
-        let (source, outcome) = match answer {
-            Answer::Redis(o) => (&counted.redis, Some(o)),
-            Answer::DenyCache(o) => (&counted.deny_cache, Some(o)),
-            Answer::Unavailable => match fleet.settings.on_error_limits {
-                OnError::Local if fleet.settings.fleet_size.get() > 1 => {
-                    let share = need.quota.divided(fleet.settings.fleet_size);
-                    let outcome = self.shared.limiter.check(need.account, &share, now_us);
-                    (&counted.fallback_local, Some(outcome))
-                }
-                OnError::Local => (&counted.fallback_local, Some(local())),
-                OnError::Open => {
-                    let open = Outcome {
-                        allowed: true,
-                        limit: need.quota.limit.get(),
-                        remaining: need.quota.limit.get(),
-                        reset_secs: 0,
-                        retry_after_secs: 0,
-                    };
-                    (&counted.fallback_open, Some(open))
-                }
-                OnError::Closed => (&counted.fallback_closed, None),
-            },
+        let request_id = request_id(view.values(b"x-request-id").next());
+        let client_ip =
+            gate::client_ip::resolve(origin.peer, &view, &policy.server.trusted_proxies);
+        let user_agent = (policy.log.access != crate::policy::AccessLog::Off)
+            .then(|| {
+                view.values(b"user-agent")
+                    .next()
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .flatten();
+        (request_id, client_ip, user_agent)
+    };
+    // A client certificate verified under CAs the policy no longer trusts:
+    // the gate refuses it, and the connection ends with this answer (a new
+    // handshake checks against today's CAs).
+    let close = origin.client_cert().is_some_and(|c| c.is_stale(&policy));
+    let x = Exchange::new(
+        policy,
+        client_ip,
+        head.method.clone(),
+        request_id,
+        user_agent,
+    );
+    let mut req = Req {
+        worker,
+        origin,
+        down,
+        head,
+        x,
+        close,
+    };
+    let served = req.route().await;
+    if served.is_ok() {
+        req.x.ended = true;
+    }
+    served
+}
+
+impl<D: Downstream> Req<'_, D> {
+    async fn route(&mut self) -> Step {
+        let policy = self.x.policy.clone();
+        let head = self.head;
+        if head.underscore && policy.server.underscore_headers == Underscores::Refuse {
+            return self.refuse(Refusal::Underscore).await;
+        }
+        let buf = self.down.head_buf();
+        let target = head.target.get(buf);
+        // The parser let only visible ASCII through.
+        let raw_path = std::str::from_utf8(&target[..head.path_len]).unwrap_or("");
+        let path = match gate::path::normalize(raw_path) {
+            Ok(path) => path,
+            Err(why) => {
+                let refusal = Refusal::Gate(Denial::InvalidRequest(why));
+                return self.refuse(refusal).await;
+            }
         };
-        source.inc();
-        outcome
+        // The upstream sees the normalised path and the query as sent.
+        let target_out = match path {
+            std::borrow::Cow::Borrowed(_) => {
+                let start = target.as_ptr() as usize - buf.as_ptr() as usize;
+                Target::Buf(start..start + target.len())
+            }
+            std::borrow::Cow::Owned(ref p) => {
+                let mut t = p.clone().into_bytes();
+                t.extend_from_slice(&target[head.path_len..]);
+                Target::Owned(t)
+            }
+        };
+        self.x.path = path.into_owned();
+        match dispatch(&policy, &self.x.path) {
+            Dispatch::Endpoint(endpoint) => {
+                self.x.endpoint = Some(endpoint);
+                self.serve_endpoint(endpoint).await
+            }
+            Dispatch::Webhook(hook) => {
+                self.x.webhook = Some(hook.path.clone());
+                self.serve_webhook(hook, target_out).await
+            }
+            Dispatch::Gate => self.serve_gate(target_out).await,
+        }
     }
 }
 
@@ -326,208 +306,6 @@ impl HeaderSource for HeadView<'_> {
             .map(move |h| h.value.get(self.buf))
     }
 }
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
-    /// The next request head, or `None` when the connection should end
-    /// quietly (closed, idle too long, shutting down).
-    pub(super) async fn next_head(
-        &mut self,
-        worker: &Worker,
-    ) -> Option<Result<RequestHead, WireError>> {
-        // Once a head has started, all of it must arrive by this time (not
-        // 30 s per read, which a client sending a byte at a time would stretch).
-        let mut deadline = None;
-        loop {
-            if !self.buf.is_empty() {
-                match parse::parse_request(&self.buf, std::mem::take(&mut self.headers)) {
-                    Ok(Some(head)) => return Some(Ok(head)),
-                    Ok(None) => {}
-                    Err(e) => return Some(Err(e)),
-                }
-            }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            let read = if self.buf.is_empty() {
-                // Between requests: wait, but give way to shutdown.
-                let drain = worker.drain.notified();
-                if worker.draining.get() {
-                    return None;
-                }
-                tokio::select! {
-                    biased;
-                    () = drain => return None,
-                    r = tokio::time::timeout(KEEPALIVE_TIMEOUT, self.stream.read_buf(&mut self.buf)) => r,
-                }
-            } else {
-                let by =
-                    *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLIENT_TIMEOUT);
-                tokio::time::timeout_at(by, self.stream.read_buf(&mut self.buf)).await
-            };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(_)) => {}
-                Err(_) if self.buf.is_empty() => return None,
-                Err(_) => return Some(Err(WireError::Timeout)),
-            }
-        }
-    }
-
-    /// Answer one parsed request and say what the connection does next.
-    pub(super) async fn exchange(&mut self, worker: &Worker, mut head: RequestHead) -> Next {
-        // The head stays in `buf` for the exchange; what came after it is
-        // the body and perhaps the next request.
-        self.rest.clear();
-        self.rest.extend_from_slice(&self.buf[head.len..]);
-        self.rest_pos = 0;
-        self.buf.truncate(head.len);
-        let view = HeadView {
-            buf: &self.buf,
-            headers: &head.headers,
-        };
-        let request_id = request_id(view.values(b"x-request-id").next());
-        let policy = worker.shared.store.load();
-        // A client certificate verified under CAs the policy no longer
-        // trusts: the gate refuses it, and the connection ends with this
-        // answer (a new handshake checks against today's CAs).
-        let cert = self.tls.as_ref().and_then(|t| t.client_cert.as_deref());
-        if cert.is_some_and(|c| c.is_stale(&policy)) {
-            head.keep_alive = false;
-        }
-        let client_ip = gate::client_ip::resolve(self.peer, &view, &policy.server.trusted_proxies);
-        let user_agent = (policy.log.access != crate::policy::AccessLog::Off)
-            .then(|| {
-                view.values(b"user-agent")
-                    .next()
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-            .flatten();
-        let mut x = Exchange {
-            started: Instant::now(),
-            policy,
-            client_ip,
-            subject: None,
-            upstream_status: None,
-            user_agent,
-            method: head.method.clone(),
-            request_id,
-            path: String::new(),
-            decision: None,
-            endpoint: None,
-            webhook: None,
-            refused: None,
-            status: 0,
-            upstream_elapsed: None,
-            body: Decoder::new(head.body),
-            bytes_in: 0,
-            bytes_out: 0,
-            forwarded: false,
-            ended: false,
-        };
-        let next = match self.route(worker, &head, &mut x).await {
-            Ok(next) => {
-                x.ended = true;
-                next
-            }
-            Err(Gone) => Next::Close,
-        };
-        // The access log line and the metrics: written when `x` drops, here
-        // or wherever this future is dropped (an HTTP/2 reset aborts it).
-        drop(x);
-        self.headers = head.headers;
-        if next == Next::KeepAlive {
-            // What the client sent early is the start of the next head.
-            std::mem::swap(&mut self.buf, &mut self.rest);
-            self.buf.drain(..self.rest_pos);
-            self.rest.clear();
-            self.rest_pos = 0;
-        }
-        next
-    }
-
-    pub(super) async fn route(
-        &mut self,
-        worker: &Worker,
-        head: &RequestHead,
-        x: &mut Exchange,
-    ) -> Step<Next> {
-        let policy = x.policy.clone();
-        if head.underscore && policy.server.underscore_headers == Underscores::Refuse {
-            return self.refuse(x, head, Refusal::Underscore).await;
-        }
-        let target = head.target.get(&self.buf);
-        // The parser let only visible ASCII through.
-        let raw_path = std::str::from_utf8(&target[..head.path_len]).unwrap_or("");
-        let path = match gate::path::normalize(raw_path) {
-            Ok(path) => path,
-            Err(why) => {
-                let refusal = Refusal::Gate(Denial::InvalidRequest(why));
-                return self.refuse(x, head, refusal).await;
-            }
-        };
-        // The upstream sees the normalised path and the query as sent.
-        let target_out = match path {
-            std::borrow::Cow::Borrowed(_) => {
-                let start = target.as_ptr() as usize - self.buf.as_ptr() as usize;
-                Target::Buf(start..start + target.len())
-            }
-            std::borrow::Cow::Owned(ref p) => {
-                let mut t = p.clone().into_bytes();
-                t.extend_from_slice(&target[head.path_len..]);
-                Target::Owned(t)
-            }
-        };
-        x.path = path.into_owned();
-        match dispatch(&policy, &x.path) {
-            Dispatch::Endpoint(endpoint) => {
-                x.endpoint = Some(endpoint);
-                self.serve_endpoint(worker, head, x, endpoint).await
-            }
-            Dispatch::Webhook(hook) => {
-                x.webhook = Some(hook.path.clone());
-                self.serve_webhook(worker, head, x, hook, target_out).await
-            }
-            Dispatch::Gate => self.serve_gate(worker, head, x, target_out).await,
-        }
-    }
-}
-
-/// Why relaying an answer stopped early.
-enum RelayStop {
-    /// The client is gone, or was cut off mid-answer.
-    Gone,
-    /// The answer's body broke before any of it was written.
-    BrokenBeforeHead,
-}
-
-/// Why streaming a request body upstream stopped.
-enum Streamed {
-    Client(BodyFailure),
-    Upstream(Failure),
-}
-
-fn body_error(e: BodyError) -> &'static str {
-    match e {
-        BodyError::Malformed(why) => why,
-        BodyError::Truncated => "the request body ended early",
-    }
-}
-
-/// Write all of `bytes` to the client within [`SEND_TIMEOUT`].
-async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
-    match tokio::time::timeout(SEND_TIMEOUT, stream.write_all(bytes)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
-}
-
-mod answers;
-mod body;
-mod endpoints;
-mod forwarding;
-mod record;
-
-use record::{request_id, Exchange};
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,23 @@
 //! The request record: what one exchange learned, from its head to its
 //! access-log line and metrics, written however the exchange ends.
 
-use super::*;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Method;
+
+use crate::gate::Decision;
+use crate::http1::client::Progress;
+use crate::metrics::{method_label, status_class, status_code, METRICS};
+use crate::policy::Policy;
+use crate::proxy::access_log;
+use crate::proxy::dispatch::Endpoint;
+
+/// A client-sent request id is kept when it is this short and printable.
+const MAX_REQUEST_ID_LEN: usize = 128;
+/// nginx's status for a request whose client went away before its answer.
+const CLIENT_CLOSED: u16 = 499;
 
 /// Per-request facts, from the head to the log line.
 pub(super) struct Exchange {
@@ -26,13 +42,8 @@ pub(super) struct Exchange {
     pub(super) refused: Option<(u16, &'static str)>,
     pub(super) status: u16,
     pub(super) upstream_elapsed: Option<Duration>,
-    /// The request body; done once read to its end (or when there is none).
-    pub(super) body: Decoder,
-    /// Request body bytes read, and answer bytes written.
-    pub(super) bytes_in: u64,
-    pub(super) bytes_out: u64,
-    /// The request head went to the upstream.
-    pub(super) forwarded: bool,
+    /// Whether the head went upstream; body bytes read, answer bytes written.
+    pub(super) progress: Progress,
     /// The exchange ran to its end (else the client went away: 499).
     pub(super) ended: bool,
 }
@@ -47,12 +58,40 @@ impl Drop for Exchange {
 }
 
 impl Exchange {
+    pub(super) fn new(
+        policy: Arc<Policy>,
+        client_ip: IpAddr,
+        method: Method,
+        request_id: String,
+        user_agent: Option<String>,
+    ) -> Exchange {
+        Exchange {
+            started: Instant::now(),
+            policy,
+            client_ip,
+            subject: None,
+            upstream_status: None,
+            user_agent,
+            method,
+            request_id,
+            path: String::new(),
+            decision: None,
+            endpoint: None,
+            webhook: None,
+            refused: None,
+            status: 0,
+            upstream_elapsed: None,
+            progress: Progress::default(),
+            ended: false,
+        }
+    }
+
     /// Metrics and the access log line for this request. A client that went
     /// away before any of the answer reached it is logged as nginx does:
     /// `499`, with whether the upstream got the request.
     fn log(&self) {
         let policy = &*self.policy;
-        let (bytes_in, bytes_out) = (self.bytes_in, self.bytes_out);
+        let (bytes_in, bytes_out) = (self.progress.bytes_in, self.progress.bytes_out);
         let abandoned = !self.ended && bytes_out == 0;
         let status = if abandoned {
             CLIENT_CLOSED
@@ -109,7 +148,7 @@ impl Exchange {
                     route,
                     status,
                     upstream_status: self.upstream_status,
-                    forwarded: self.forwarded,
+                    forwarded: self.progress.forwarded,
                     principal: principal
                         .map(|p| p.subject_str(policy))
                         .or(self.subject.as_deref()),

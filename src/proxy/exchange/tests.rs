@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
+use crate::limit::Limiter;
 use crate::policy::testing::{base_toml, compile_str};
 use crate::state::RedbStore;
 
@@ -21,21 +22,13 @@ fn worker(upstream_port: u16, state: &std::path::Path) -> Rc<Worker> {
     let limiter = Arc::new(Limiter::new());
     let store: Arc<dyn crate::state::StateStore> =
         Arc::new(RedbStore::open(state).expect("state store"));
-    Rc::new(Worker {
-        shared: Arc::new(Shared {
-            store: Arc::new(PolicyStore::new(std::path::Path::new("test.toml"), policy)),
-            limiter: limiter.clone(),
-            issuer: Arc::new(Issuer::new(store, limiter)),
-            fleet: None,
-            connections: Arc::default(),
-        }),
-        redis: Default::default(),
-        lanes: Default::default(),
-        pool: Pool::new(),
-        draining: Cell::new(false),
-        drain: Notify::new(),
-        active: Cell::new(0),
-    })
+    Rc::new(Worker::new(Arc::new(Shared {
+        store: Arc::new(PolicyStore::new(std::path::Path::new("test.toml"), policy)),
+        limiter: limiter.clone(),
+        issuer: Arc::new(Issuer::new(store, limiter)),
+        fleet: None,
+        connections: Arc::default(),
+    })))
 }
 
 /// A raw upstream answering each request head it reads with `answer`;
@@ -153,10 +146,10 @@ fn an_answer_with_both_framings_is_relayed_chunked_without_its_length() {
 
 #[test]
 fn retries_are_for_idempotent_methods_only() {
-    assert!(upstream::may_retry(&Method::GET));
-    assert!(upstream::may_retry(&Method::PUT));
-    assert!(!upstream::may_retry(&Method::POST));
-    assert!(!upstream::may_retry(&Method::PATCH));
+    assert!(crate::http1::client::may_retry(&http::Method::GET));
+    assert!(crate::http1::client::may_retry(&http::Method::PUT));
+    assert!(!crate::http1::client::may_retry(&http::Method::POST));
+    assert!(!crate::http1::client::may_retry(&http::Method::PATCH));
 }
 
 /// A connection's future is moved whole into its task at every spawn (every

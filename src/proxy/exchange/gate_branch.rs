@@ -1,0 +1,53 @@
+//! The gate branch: decide (the pure `gate::assess`), ask the limiter
+//! service for the quota, then forward or refuse.
+
+use std::time::Instant;
+
+use super::{Downstream, Refusal, Req, Step, Target};
+use crate::gate::{self, Denial, RequestFacts};
+use crate::metrics::METRICS;
+
+impl<D: Downstream> Req<'_, D> {
+    pub(super) async fn serve_gate(&mut self, target: Target) -> Step {
+        let policy = self.x.policy.clone();
+        // One clock reading for the decision and its quota.
+        let now_us = crate::clock::unix_now_us();
+        let mut decision = {
+            let view = self.view();
+            let facts = RequestFacts {
+                peer: self.origin.peer,
+                client_ip: Some(self.x.client_ip),
+                method: &self.head.method,
+                path: &self.x.path,
+                headers: &view,
+                client_cert: self.origin.client_cert(),
+            };
+            let started = Instant::now();
+            let decision = gate::assess(&policy, &facts, now_us);
+            METRICS
+                .gate_duration
+                .observe(started.elapsed().as_secs_f64());
+            decision
+        };
+        // The pure decision leaves the quota to the limiter service.
+        if let Some(need) = decision.pending {
+            match self.worker.limits.decide(&need, now_us).await {
+                Some(outcome) => decision.settle(outcome),
+                None => decision.unavailable(),
+            }
+        }
+        let verdict = decision.verdict.clone();
+        let principal = decision.principal;
+        if verdict == Err(Denial::RateLimited) {
+            if let Some(rate) = decision.rate {
+                let tier = &*policy.tier(rate.tier).name;
+                METRICS.rate_limited.with_label_values(&[tier]).inc();
+            }
+        }
+        self.x.decision = Some(decision);
+        if let Err(denial) = verdict {
+            return self.refuse(Refusal::Gate(denial)).await;
+        }
+        self.forward(target, principal, None).await
+    }
+}
