@@ -414,3 +414,66 @@ pub fn status_class(status: u16) -> &'static str {
         _ => "other",
     }
 }
+
+/// The series one answered request touches: its count, its duration and
+/// (once it had one) its upstream's duration.
+pub struct RequestSeries {
+    pub count: IntCounter,
+    pub duration: Histogram,
+    pub upstream: Option<Histogram>,
+}
+
+/// How many (route, method, status) series each thread keeps at hand.
+const SERIES_KEPT: usize = 64;
+
+type Kept = Vec<(Box<str>, &'static str, u16, RequestSeries)>;
+
+thread_local! {
+    static SERIES: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on the series of a request on `route` with `method` answered
+/// `status` (with its upstream histogram when `upstream`), looked up in the
+/// registry once per thread: `with_label_values` hashes every label value
+/// under a lock, three times per request otherwise.
+pub fn with_request_series(
+    route: &str,
+    method: &'static str,
+    status: u16,
+    upstream: bool,
+    f: impl FnOnce(&RequestSeries),
+) {
+    SERIES.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let found = kept
+            .iter()
+            .position(|(r, m, c, _)| *c == status && *m == method && &**r == route);
+        let at = match found {
+            Some(at) => at,
+            None => {
+                if kept.len() >= SERIES_KEPT {
+                    // Routes changed with a reload, or many statuses: afresh.
+                    kept.clear();
+                }
+                let m = &*METRICS;
+                let series = RequestSeries {
+                    count: m.requests.with_label_values(&[
+                        route,
+                        method,
+                        status_class(status),
+                        status_code(status),
+                    ]),
+                    duration: m.request_duration.with_label_values(&[route]),
+                    upstream: None,
+                };
+                kept.push((route.into(), method, status, series));
+                kept.len() - 1
+            }
+        };
+        let series = &mut kept[at].3;
+        if upstream && series.upstream.is_none() {
+            series.upstream = Some(METRICS.upstream_duration.with_label_values(&[route]));
+        }
+        f(series);
+    })
+}

@@ -17,6 +17,12 @@ use super::parse::{self, Header, ResponseHead};
 use super::spare;
 use super::upstream::{self, Conn, ConnectError, Endpoint, Pool};
 
+thread_local! {
+    /// The header list of the last answer finished on this thread, for the
+    /// next one's.
+    static HEADERS: std::cell::Cell<Vec<Header>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Interim (1xx) answers skipped before an upstream is deemed broken.
 const MAX_INTERIM: usize = 16;
 const READ_CHUNK: usize = 16 * 1024;
@@ -89,6 +95,9 @@ impl Answer {
     /// The connection, for the pool; the buffer goes back to the spares.
     pub fn finish(self) -> Conn {
         spare::give(self.buf);
+        let mut headers = self.head.headers;
+        headers.clear();
+        HEADERS.with(|h| h.set(headers));
         self.conn
     }
 }
@@ -118,7 +127,8 @@ pub fn may_retry(method: &Method) -> bool {
 }
 
 /// Send a request upstream and read its answer's head. `head` holds the
-/// request line and fields (no framing, no blank line). A body wholly in
+/// request line and fields (no framing, no blank line); the framing is
+/// added to it in place. A body wholly in
 /// hand goes out with the head under a `content-length`, and the request
 /// may then be sent again on a fresh connection (see [`may_retry`]).
 #[allow(clippy::too_many_arguments)]
@@ -128,15 +138,31 @@ pub async fn send<D: Downstream>(
     endpoint: &Endpoint,
     timeout: Duration,
     method: &Method,
-    head: &[u8],
+    head: &mut Vec<u8>,
     body: OutBody<'_>,
     progress: &mut Progress,
 ) -> Result<Answer, Stop> {
     let mut s = Scratch {
-        out: spare::take(head.len() + 512),
+        out: std::mem::take(head),
         body: Vec::new(),
     };
-    s.out.extend_from_slice(head);
+    let sent = exchange(down, pool, endpoint, timeout, method, &mut s, body, progress).await;
+    // The caller's buffer, back for its next use.
+    *head = std::mem::take(&mut s.out);
+    sent
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exchange<D: Downstream>(
+    down: &mut D,
+    pool: &Pool,
+    endpoint: &Endpoint,
+    timeout: Duration,
+    method: &Method,
+    s: &mut Scratch,
+    body: OutBody<'_>,
+    progress: &mut Progress,
+) -> Result<Answer, Stop> {
     let chunked = match body {
         OutBody::Buffered(bytes) => {
             header_u64(&mut s.out, b"content-length", bytes.len() as u64);
@@ -208,7 +234,7 @@ pub async fn send<D: Downstream>(
             Err(_) => return Err(Stop::Upstream(Failure::Timeout)),
         }
         if !in_hand {
-            stream_body(down, &mut conn, chunked, timeout, &mut s, progress).await?;
+            stream_body(down, &mut conn, chunked, timeout, s, progress).await?;
         }
         let mut buf = spare::take(READ_CHUNK);
         match read_answer_head(method, &mut conn, &mut buf, timeout).await {
@@ -274,7 +300,7 @@ async fn read_answer_head(
     timeout: Duration,
 ) -> Result<ResponseHead, Failure> {
     let mut interim = 0;
-    let mut headers: Vec<Header> = Vec::new();
+    let mut headers: Vec<Header> = HEADERS.with(|h| h.take());
     loop {
         if !buf.is_empty() {
             match parse::parse_response(buf, method, std::mem::take(&mut headers)) {
@@ -317,16 +343,35 @@ pub async fn relay<D: Downstream>(
     let result = loop {
         payload.clear();
         let avail = &answer.buf[pos..];
-        let used = match decoder.decode(avail, |p| payload.extend_from_slice(p)) {
+        // A body in one run (a length, or one chunk) is sent from where it
+        // lies; only runs split by chunk framing are gathered.
+        let mut run: Option<std::ops::Range<usize>> = None;
+        let decoded = decoder.decode(avail, |p| {
+            let at = p.as_ptr() as usize - avail.as_ptr() as usize;
+            match run.take() {
+                None if payload.is_empty() => run = Some(at..at + p.len()),
+                first => {
+                    if let Some(first) = first {
+                        payload.extend_from_slice(&avail[first]);
+                    }
+                    payload.extend_from_slice(p);
+                }
+            }
+        });
+        let used = match decoded {
             Ok(n) => n,
             Err(_) if !head_sent => break Err(RelayStop::BrokenBeforeHead),
             // Broken framing: the client sees the answer cut off.
             Err(_) => break Err(RelayStop::CutOff),
         };
+        let data = match &run {
+            Some(r) => &avail[r.clone()],
+            None => &payload[..],
+        };
         let extra = avail.len() > used;
         let done = decoder.is_done();
-        if done || !payload.is_empty() || !head_sent {
-            match down.send(&payload, done).await {
+        if done || !data.is_empty() || !head_sent {
+            match down.send(data, done).await {
                 Ok(n) => progress.bytes_out += n,
                 Err(_) => break Err(RelayStop::Gone),
             }

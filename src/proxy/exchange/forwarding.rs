@@ -55,7 +55,7 @@ impl<D: Downstream> Req<'_, D> {
             &up.endpoint,
             up.read_timeout,
             &head.method,
-            &out,
+            &mut out,
             body,
             &mut self.x.progress,
         )

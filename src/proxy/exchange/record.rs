@@ -9,7 +9,7 @@ use http::Method;
 
 use crate::gate::Decision;
 use crate::http1::client::Progress;
-use crate::metrics::{method_label, status_class, status_code, METRICS};
+use crate::metrics::{method_label, METRICS};
 use crate::policy::Policy;
 use crate::proxy::access_log;
 use crate::proxy::dispatch::Endpoint;
@@ -114,19 +114,15 @@ impl Exchange {
             (None, None, None) => "unmatched",
         };
         let method = method_label(&self.method);
-        METRICS
-            .requests
-            .with_label_values(&[route, method, status_class(status), status_code(status)])
-            .inc();
-        METRICS
-            .request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
-        if let Some(up) = self.upstream_elapsed {
-            METRICS
-                .upstream_duration
-                .with_label_values(&[route])
-                .observe(up.as_secs_f64());
+        let upstream = self.upstream_elapsed;
+        crate::metrics::with_request_series(route, method, status, upstream.is_some(), |s| {
+            s.count.inc();
+            s.duration.observe(elapsed.as_secs_f64());
+            if let (Some(h), Some(up)) = (&s.upstream, upstream) {
+                h.observe(up.as_secs_f64());
+            }
+        });
+        if let Some(up) = upstream {
             // What keygate itself adds: everything but the upstream's time.
             METRICS
                 .added_latency
