@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::clock::unix_now_us;
-use keygate::config::Fixed;
 use keygate::issue::{IssueError, Issuer};
 use keygate::limit::Limiter;
-use keygate::policy::compile;
+use keygate::policy::{compile, testing};
 use keygate::state::RedbStore;
 
 fn bench_login(c: &mut Criterion) {
@@ -18,28 +17,18 @@ fn bench_login(c: &mut Criterion) {
         .hash_password(b"the right password", &salt)
         .unwrap()
         .to_string();
-    let src = format!(
-        r#"
-[upstream]
-url = "http://127.0.0.1:9000"
-[auth]
-login_attempts_per_ip = 4000000000
-login_attempts_per_email = 4000000000
-[[auth.keys]]
-kid = "k"
-algorithm = "HS256"
-secret_env = "S"
-sign = true
-[tiers.free]
-limit = 100
-[[users]]
-email = "alice@example.com"
-tier = "free"
-password_hash = "{phc}"
-"#
-    );
-    let mut secrets = Fixed::default();
-    secrets.env.insert("S".into(), "s".repeat(32));
+    // The test policy (`tests/fixtures/policy.toml`), alice with a
+    // password, and throttles that never stop the bench.
+    let src = testing::base_toml()
+        .replace(
+            "audience = \"api\"",
+            "audience = \"api\"\nlogin_attempts_per_ip = 4000000000\nlogin_attempts_per_email = 4000000000",
+        )
+        .replace(
+            "id = \"u_alice\"\n",
+            &format!("id = \"u_alice\"\npassword_hash = \"{phc}\"\n"),
+        );
+    let secrets = testing::secrets();
     let policy = compile("bench.toml", &src, &secrets).unwrap().policy;
     let dir = tempfile::tempdir().unwrap();
     let issuer = Arc::new(Issuer::new(

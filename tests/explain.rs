@@ -63,7 +63,7 @@ fn cases() -> Vec<Case> {
             "expired",
             "GET",
             "/v1/vms",
-            Some(sign("hs-1", &expired)),
+            Some(sign("hs", &expired)),
             None,
             401,
             "DENY 401 token_expired",

@@ -75,8 +75,8 @@ fn every_counter_moves_by_what_the_test_caused() {
     let kg = Keygate::start(&cfg, upstream.port);
     let before = scrape(&kg);
     assert_eq!(get(&before, "keygate_build_info{version=0.1.0}"), 1.0);
-    assert_eq!(get(&before, "keygate_policy_objects{kind=users}"), 4.0);
-    assert_eq!(get(&before, "keygate_policy_objects{kind=api_keys}"), 4.0);
+    assert_eq!(get(&before, "keygate_policy_objects{kind=users}"), 5.0);
+    assert_eq!(get(&before, "keygate_policy_objects{kind=api_keys}"), 7.0);
     assert_eq!(get(&before, "keygate_config_last_reload_success{}"), 1.0);
     assert!(
         get(

@@ -11,20 +11,10 @@
 #![no_main]
 
 use keygate::http1::parse::{BodyKind, HeadView};
-use keygate::proxy::h2::assemble;
+use keygate::proxy::h2::{assemble, CONNECTION_SPECIFIC as DROPPED};
 use keygate::proxy::tls::host_only;
 use libfuzzer_sys::fuzz_target;
 
-const DROPPED: [&str; 8] = [
-    "te",
-    "expect",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
-];
 
 fuzz_target!(|data: &[u8]| {
     if let Some(host) = host_only(data) {

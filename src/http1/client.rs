@@ -146,7 +146,10 @@ pub async fn send<D: Downstream>(
         out: std::mem::take(head),
         body: Vec::new(),
     };
-    let sent = exchange(down, pool, endpoint, timeout, method, &mut s, body, progress).await;
+    let sent = exchange(
+        down, pool, endpoint, timeout, method, &mut s, body, progress,
+    )
+    .await;
     // The caller's buffer, back for its next use.
     *head = std::mem::take(&mut s.out);
     sent

@@ -64,6 +64,18 @@ impl Fields for Vec<u8> {
     }
 }
 
+/// A header map (an answer built for `http`'s types: the admin listener's).
+impl Fields for http::HeaderMap {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            self.append(name, value);
+        }
+    }
+}
+
 /// The side a request came from, as the application sees it.
 ///
 /// Every method that sends may fail with the client gone; an answer's head

@@ -65,12 +65,16 @@ mod tests {
     /// verifies the result with the public one.
     #[test]
     fn asymmetric_signers_round_trip_through_the_gate() {
-        for (kid, private) in [("ed", "ed.pem"), ("es", "es.pem"), ("rs", "rs.pem")] {
+        for (kid, stem) in [("ed", "ed25519"), ("es", "es256"), ("rs", "rs256")] {
+            let private = format!("{stem}.pem");
             let src = testing::base_toml()
-                .replace("secret_env = \"TEST_HS\"\nsign = true", "secret_env = \"TEST_HS\"")
                 .replace(
-                    &format!("public_key_file = \"keys/{kid}.pub.pem\""),
-                    &format!("public_key_file = \"keys/{kid}.pub.pem\"\nprivate_key_file = \"keys/{private}\"\nsign = true"),
+                    "secret_env = \"KEYGATE_TEST_HS\"\nsign = true",
+                    "secret_env = \"KEYGATE_TEST_HS\"",
+                )
+                .replace(
+                    &format!("public_key_file = \"keys/{stem}.pub.pem\""),
+                    &format!("public_key_file = \"keys/{stem}.pub.pem\"\nprivate_key_file = \"keys/{private}\"\nsign = true"),
                 );
             let mut secrets = testing::secrets();
             let pem = match kid {

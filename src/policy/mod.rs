@@ -9,7 +9,9 @@ mod ip;
 pub mod router;
 mod state_backend;
 mod store;
-#[cfg(test)]
+/// The shared test policy; compiled in so the integration tests and the
+/// benches use the unit tests' fixture.
+#[doc(hidden)]
 pub mod testing;
 mod token_cache;
 pub mod topology;

@@ -1,5 +1,8 @@
-//! A policy for unit tests: every kind of key, user and route the gate
-//! distinguishes, with secrets and PEM files from `tests/fixtures/keys`.
+//! The one test policy (`tests/fixtures/policy.toml`) and what goes with
+//! it: every kind of key, user and route the gate distinguishes, the
+//! secrets, plain-text API keys, and helpers to sign and forge tokens.
+//! Unit tests, the integration tests (`tests/support`) and the benches
+//! share it.
 
 use std::path::PathBuf;
 
@@ -32,154 +35,47 @@ pub const KEY_OF_DISABLED_USER: &str = "vmc_test_of_carol";
 /// 2026-01-01T00:00:00Z, dave's `tokens_valid_after`.
 pub const DAVE_CUTOFF: u64 = 1_767_225_600;
 
-pub fn base_toml() -> String {
+/// Plain-text key owned by dana (a free-tier user).
+pub const KEY_DANA: &str = "vmc_test_dana";
+
+/// The one test policy, `tests/fixtures/policy.toml`, with the hashes of
+/// the keys above filled in; its placeholders for addresses and paths
+/// (`{listen}`, `{admin}`, `{state}`, `{upstream}`, `{keys}`) are the
+/// caller's to fill.
+pub fn fixture_toml() -> String {
     let h = crate::cli::sha256_hex;
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:18080"
-admin_listen = "127.0.0.1:19090"
-threads = 1
-trusted_proxies = ["10.0.0.0/8"]
+    include_str!("../../tests/fixtures/policy.toml")
+        .replace("{deploy}", &h(KEY_DEPLOY))
+        .replace("{dana}", &h(KEY_DANA))
+        .replace("{ci}", &h(KEY_CI))
+        .replace("{office}", &h(KEY_OFFICE))
+        .replace("{expired}", &h(KEY_EXPIRED))
+        .replace("{disabled}", &h(KEY_DISABLED))
+        .replace("{carol}", &h(KEY_OF_DISABLED_USER))
+}
 
-[upstream]
-url = "http://127.0.0.1:9000"
-
-[auth]
-issuer = "keygate-test"
-audience = "vm-api"
-leeway = "60s"
-
-[[auth.keys]]
-kid = "hs"
-algorithm = "HS256"
-secret_env = "TEST_HS"
-sign = true
-
-[[auth.keys]]
-kid = "hs384"
-algorithm = "HS384"
-secret_env = "TEST_HS384"
-
-[[auth.keys]]
-kid = "ed"
-algorithm = "EdDSA"
-public_key_file = "keys/ed.pub.pem"
-
-[[auth.keys]]
-kid = "es"
-algorithm = "ES256"
-public_key_file = "keys/es.pub.pem"
-
-[[auth.keys]]
-kid = "rs"
-algorithm = "RS256"
-public_key_file = "keys/rs.pub.pem"
-
-[tiers.free]
-limit = 100
-[tiers.pro]
-limit = 1000
-[tiers.enterprise]
-unlimited = true
-
-[[users]]
-email = "alice@example.com"
-id = "u_alice"
-tier = "pro"
-permissions = ["vms:read", "vms:write"]
-
-[[users]]
-email = "bob@example.com"
-id = "u_bob"
-tier = "free"
-permissions = ["vms:read"]
-ip_allow = ["198.51.100.0/24"]
-
-[[users]]
-email = "carol@example.com"
-id = "u_carol"
-tier = "free"
-permissions = ["vms:read"]
-disabled = true
-
-[[users]]
-email = "dave@example.com"
-id = "u_dave"
-tier = "free"
-permissions = ["vms:read"]
-tokens_valid_after = "2026-01-01T00:00:00Z"
-
-[[api_keys]]
-id = "deploy-bot"
-sha256 = "{deploy}"
-user = "alice@example.com"
-permissions = ["vms:read"]
-
-[[api_keys]]
-id = "ci"
-sha256 = "{ci}"
-tier = "enterprise"
-permissions = ["vms:read", "vms:write"]
-
-[[api_keys]]
-id = "old"
-sha256 = "{expired}"
-tier = "free"
-expires_at = "2020-01-01T00:00:00Z"
-
-[[api_keys]]
-id = "off"
-sha256 = "{disabled}"
-tier = "free"
-disabled = true
-
-[[api_keys]]
-id = "office"
-sha256 = "{office}"
-user = "u_alice"
-ip_allow = ["203.0.113.7"]
-
-[[api_keys]]
-id = "carols"
-sha256 = "{carol}"
-user = "u_carol"
-
-[[routes]]
-path = "/v1/status"
-access = "public"
-
-[[routes]]
-path = "/v1/vms"
-methods = ["GET"]
-permissions = ["vms:read"]
-
-[[routes]]
-path = "/v1/vms/{{id}}"
-methods = ["DELETE"]
-permissions = ["vms:write"]
-
-[[routes]]
-path = "/admin/{{*rest}}"
-access = "deny"
-"#,
-        deploy = h(KEY_DEPLOY),
-        ci = h(KEY_CI),
-        expired = h(KEY_EXPIRED),
-        disabled = h(KEY_DISABLED),
-        office = h(KEY_OFFICE),
-        carol = h(KEY_OF_DISABLED_USER),
-    )
+/// The test policy for unit tests: [`fixture_toml`] with fixed addresses
+/// (nothing listens on them) and key files read from [`secrets`].
+pub fn base_toml() -> String {
+    fixture_toml()
+        .replace("{listen}", "127.0.0.1:18080")
+        .replace("{admin}", "127.0.0.1:19090")
+        .replace("{state}", "/nonexistent/keygate-unit-state")
+        .replace("{upstream}", "http://127.0.0.1:9000")
+        .replace("{keys}", "keys")
 }
 
 pub fn secrets() -> Fixed {
     let mut s = Fixed::default();
-    s.env.insert("TEST_HS".into(), HS_SECRET.into());
-    s.env.insert("TEST_HS384".into(), HS384_SECRET.into());
+    s.env.insert("KEYGATE_TEST_HS".into(), HS_SECRET.into());
+    s.files.insert(
+        PathBuf::from("keys/hs384.secret"),
+        HS384_SECRET.as_bytes().to_vec(),
+    );
     for (path, pem) in [
-        ("keys/ed.pub.pem", ED_PUBLIC),
-        ("keys/es.pub.pem", ES_PUBLIC),
-        ("keys/rs.pub.pem", RS_PUBLIC),
+        ("keys/ed25519.pub.pem", ED_PUBLIC),
+        ("keys/es256.pub.pem", ES_PUBLIC),
+        ("keys/rs256.pub.pem", RS_PUBLIC),
     ] {
         s.files.insert(PathBuf::from(path), pem.as_bytes().to_vec());
     }
@@ -213,8 +109,8 @@ pub fn policy_from(extra: &str) -> Policy {
 pub fn claims(sub: &str, now: u64) -> Value {
     json!({
         "sub": sub,
-        "iss": "keygate-test",
-        "aud": "vm-api",
+        "iss": "keygate",
+        "aud": "api",
         "iat": now,
         "nbf": now,
         "exp": now + 3600,

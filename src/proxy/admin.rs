@@ -10,6 +10,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
 
+use super::exchange::error_response;
 use super::reload::{reload_now, Status};
 use crate::metrics::METRICS;
 use crate::policy::{OnError, PolicyStore, StateBackend};
@@ -122,9 +123,12 @@ impl ServeHttp for Admin {
                 let encoder = TextEncoder::new();
                 let mut buf = Vec::new();
                 if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
-                    return json(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        serde_json::json!({"error": e.to_string()}),
+                    tracing::error!(error = %e, "metrics could not be encoded");
+                    return error_response(
+                        500,
+                        "internal_error",
+                        "the metrics could not be encoded",
+                        |_| {},
                     );
                 }
                 Response::builder()
@@ -134,17 +138,12 @@ impl ServeHttp for Admin {
                     .body(buf)
                     .unwrap_or_default()
             }
-            (Method::POST, "/reload") if !self.may_reload(session) => {
-                let mut r = json(
-                    StatusCode::UNAUTHORIZED,
-                    serde_json::json!({"error": "POST /reload needs the admin token (Authorization: Bearer …)"}),
-                );
-                r.headers_mut().insert(
-                    http::header::WWW_AUTHENTICATE,
-                    http::HeaderValue::from_static(r#"Bearer realm="keygate admin""#),
-                );
-                r
-            }
+            (Method::POST, "/reload") if !self.may_reload(session) => error_response(
+                401,
+                "invalid_credentials",
+                "POST /reload needs the admin token (Authorization: Bearer …)",
+                |out| out.field(b"www-authenticate", br#"Bearer realm="keygate admin""#),
+            ),
             (Method::POST, "/reload") => {
                 let store = self.store.clone();
                 let status = self.status.clone();
@@ -165,18 +164,14 @@ impl ServeHttp for Admin {
                 } else {
                     "GET, HEAD"
                 };
-                let mut r = json(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    serde_json::json!({"error": "method not allowed", "allow": allow}),
-                );
-                r.headers_mut()
-                    .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
-                r
+                error_response(
+                    405,
+                    "method_not_allowed",
+                    &format!("this endpoint answers {allow}"),
+                    |out| out.field(b"allow", allow.as_bytes()),
+                )
             }
-            _ => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not found"}),
-            ),
+            _ => error_response(404, "not_found", "no such admin endpoint", |_| {}),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The application on keygate's HTTP/1.1 engine ([`crate::http1`]):
 //! [`dispatch`] (auth endpoint, webhook or gate), the [`forward`] plan of
 //! headers, one [`refusal`] type for every refusal it writes on the public
-//! listener, and the connection glue in `exchange`. Also the process: one pingora `Server`
-//! (signals, graceful shutdown) running the public listener (`front`), the
-//! admin listener, the webhook relay and the reload triggers.
+//! listener, the limiter service (`limiter`), and `exchange`, which serves
+//! one request through any `http1::Downstream`: an HTTP/1.1 connection of
+//! the engine's, or an HTTP/2 stream of [`h2`]'s. Also the process: one
+//! pingora `Server` (signals, graceful shutdown) running the public
+//! listener (`front`), the admin listener, the webhook relay and the reload
+//! triggers.
 
 mod access_log;
 mod admin;

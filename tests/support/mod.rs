@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 
 pub use upstream::Upstream;
 
-pub const HS_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+/// The test policy's secrets and keys, shared with the unit tests.
+pub use keygate::policy::testing::{
+    HS_SECRET, KEY_CI, KEY_DANA, KEY_DEPLOY, KEY_DISABLED, KEY_EXPIRED, KEY_OFFICE,
+    KEY_OF_DISABLED_USER,
+};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -252,152 +256,11 @@ pub fn client() -> reqwest::blocking::Client {
         .expect("http client")
 }
 
-/// The usual test configuration: one key of each algorithm family, the seed's
-/// three tiers, users and keys of each kind, and routes of each access.
+/// The one test policy (`tests/fixtures/policy.toml`, shared with the
+/// unit tests and benches); [`Keygate`] fills in its addresses and paths.
 pub fn config() -> String {
-    format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_listen = "{{admin}}"
-threads = 2
-trusted_proxies = ["127.0.0.2/32"]
-state_dir = "{{state}}"
-grace_period = "1s"
-
-[log]
-access = "json"
-
-[upstream]
-url = "{{upstream}}"
-connect_timeout = "1s"
-read_timeout = "2s"
-
-[auth]
-issuer = "keygate"
-audience = "api"
-
-[[auth.keys]]
-kid = "hs-1"
-algorithm = "HS256"
-secret_env = "KEYGATE_TEST_HS"
-sign = true
-
-[[auth.keys]]
-kid = "ed-1"
-algorithm = "EdDSA"
-public_key_file = "{{keys}}/ed25519.pub.pem"
-
-[[auth.keys]]
-kid = "es-1"
-algorithm = "ES256"
-public_key_file = "{{keys}}/es256.pub.pem"
-
-[[auth.keys]]
-kid = "rs-1"
-algorithm = "RS256"
-public_key_file = "{{keys}}/rs256.pub.pem"
-
-[tiers.free]
-limit = 100
-period = "1h"
-[tiers.pro]
-limit = 1000
-period = "1h"
-[tiers.enterprise]
-unlimited = true
-[tiers.anonymous]
-limit = 5
-period = "1m"
-
-[[users]]
-email = "alice@example.com"
-id = "u_alice"
-tier = "pro"
-permissions = ["vms:read", "vms:write"]
-
-[[users]]
-email = "bob@example.com"
-id = "u_bob"
-tier = "free"
-permissions = ["vms:read"]
-ip_allow = ["127.0.0.9/32"]
-
-[[users]]
-email = "dana@example.com"
-id = "u_dana"
-tier = "free"
-permissions = ["vms:read"]
-
-[[users]]
-email = "carol@example.com"
-id = "u_carol"
-tier = "free"
-disabled = true
-
-[[api_keys]]
-id = "deploy-bot"
-sha256 = "{deploy}"
-user = "u_alice"
-permissions = ["vms:read"]
-
-[[api_keys]]
-id = "dana-key"
-sha256 = "{dana}"
-user = "dana@example.com"
-
-[[api_keys]]
-id = "ci"
-sha256 = "{ci}"
-tier = "enterprise"
-permissions = ["vms:read", "vms:write"]
-
-[[api_keys]]
-id = "office"
-sha256 = "{office}"
-tier = "free"
-permissions = ["vms:read"]
-ip_allow = ["198.51.100.7/32"]
-
-[[routes]]
-path = "/v1/status"
-access = "public"
-
-[[routes]]
-path = "/v1/vms"
-methods = ["GET"]
-permissions = ["vms:read"]
-
-[[routes]]
-path = "/v1/vms/{{id}}"
-permissions = ["vms:read"]
-
-[[routes]]
-path = "/v1/vms/{{id}}"
-methods = ["DELETE"]
-permissions = ["vms:write"]
-
-[[routes]]
-path = "/v1/signup"
-access = "public"
-rate_tier = "anonymous"
-
-[[routes]]
-path = "/admin/{{*rest}}"
-access = "deny"
-"#,
-        deploy = sha256_hex(KEY_DEPLOY),
-        ci = sha256_hex(KEY_CI),
-        office = sha256_hex(KEY_OFFICE),
-        dana = sha256_hex(KEY_DANA),
-    )
+    keygate::policy::testing::fixture_toml()
 }
-
-pub const KEY_DEPLOY: &str = "vmc_it_deploy_0123456789";
-pub const KEY_CI: &str = "vmc_it_ci_0123456789";
-pub const KEY_OFFICE: &str = "vmc_it_office_0123456789";
-/// Owned by dana, a free-tier user.
-pub const KEY_DANA: &str = "vmc_it_dana_0123456789";
 
 pub fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
@@ -435,43 +298,16 @@ pub fn now() -> u64 {
 
 /// Claims valid now for `sub`, with the configured issuer and audience.
 pub fn claims(sub: &str) -> serde_json::Value {
-    let now = now();
-    serde_json::json!({
-        "sub": sub, "iss": "keygate", "aud": "api",
-        "iat": now, "nbf": now, "exp": now + 3600,
-    })
+    keygate::policy::testing::claims(sub, now())
 }
 
-/// Sign with the test key `kid` (hs-1, ed-1, es-1, rs-1).
+/// Sign with the test key `kid` (hs, hs384, ed, es, rs).
 pub fn sign(kid: &str, claims: &serde_json::Value) -> String {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let pem = |name: &str| std::fs::read(fixture("keys").join(name)).expect("fixture key");
-    let (alg, key) = match kid {
-        "hs-1" => (
-            Algorithm::HS256,
-            EncodingKey::from_secret(HS_SECRET.as_bytes()),
-        ),
-        "ed-1" => (
-            Algorithm::EdDSA,
-            EncodingKey::from_ed_pem(&pem("ed25519.pem")),
-        ),
-        "es-1" => (
-            Algorithm::ES256,
-            EncodingKey::from_ec_pem(&pem("es256.pem")),
-        ),
-        "rs-1" => (
-            Algorithm::RS256,
-            EncodingKey::from_rsa_pem(&pem("rs256.pem")),
-        ),
-        other => panic!("no test key {other}"),
-    };
-    let mut header = Header::new(alg);
-    header.kid = Some(kid.to_string());
-    jsonwebtoken::encode(&header, claims, &key.expect("key")).expect("sign")
+    keygate::policy::testing::sign(kid, claims)
 }
 
 pub fn token(sub: &str) -> String {
-    sign("hs-1", &claims(sub))
+    sign("hs", &claims(sub))
 }
 
 /// Run a one-shot `keygate` command (`state export`, `check`, …) with the

@@ -40,7 +40,7 @@ fn assert_error_at(errors: &[ConfigError], src: &str, needle: &str, words: &str)
 #[test]
 fn the_test_policy_and_the_example_compile() {
     let compiled = compile_str(&base_toml()).unwrap();
-    assert_eq!(compiled.policy.users.len(), 4);
+    assert_eq!(compiled.policy.users.len(), 5);
     let mut s = secrets();
     s.env.insert("KEYGATE_JWT_SECRET".into(), "x".repeat(32));
     let example = compile("config.example.toml", crate::cli::demo::EXAMPLE_CONFIG, &s).unwrap();
@@ -111,7 +111,7 @@ path = "/v1/{*rest}/tail"
 
 #[test]
 fn unknown_keys_are_errors_with_a_position() {
-    let src = base_toml().replace("threads = 1", "threads = 1\nlisten_port = 80");
+    let src = base_toml().replace("threads = 2", "threads = 2\nlisten_port = 80");
     let errors = errors_of(&src);
     assert_eq!(errors.len(), 1);
     assert_error_at(&errors, &src, "listen_port", "unknown field `listen_port`");
@@ -119,15 +119,15 @@ fn unknown_keys_are_errors_with_a_position() {
 
 #[test]
 fn syntax_errors_have_a_position() {
-    let src = base_toml().replace("threads = 1", "threads = = 1");
+    let src = base_toml().replace("threads = 2", "threads = = 2");
     let errors = errors_of(&src);
-    assert_eq!(errors[0].line, position_of(&src, "threads = = 1").0);
+    assert_eq!(errors[0].line, position_of(&src, "threads = = 2").0);
 }
 
 #[test]
 fn inline_secret_is_accepted_with_a_warning() {
     let src = base_toml().replace(
-        "secret_env = \"TEST_HS\"",
+        "secret_env = \"KEYGATE_TEST_HS\"",
         &format!("secret = \"{}\"", crate::policy::testing::HS_SECRET),
     );
     let compiled = compile_str(&src).unwrap();
@@ -139,7 +139,10 @@ fn inline_secret_is_accepted_with_a_warning() {
 
 #[test]
 fn secret_from_file_drops_its_trailing_newline() {
-    let src = base_toml().replace("secret_env = \"TEST_HS\"", "secret_file = \"hs.secret\"");
+    let src = base_toml().replace(
+        "secret_env = \"KEYGATE_TEST_HS\"",
+        "secret_file = \"hs.secret\"",
+    );
     let mut s = secrets();
     let mut secret = crate::policy::testing::HS_SECRET.as_bytes().to_vec();
     secret.push(b'\n');
@@ -153,7 +156,7 @@ fn secret_from_file_drops_its_trailing_newline() {
 #[test]
 fn missing_secret_variable_is_an_error_at_its_name() {
     let src = base_toml().replace(
-        "secret_env = \"TEST_HS\"",
+        "secret_env = \"KEYGATE_TEST_HS\"",
         "secret_env = \"NOT_SET_ANYWHERE\"",
     );
     let errors = errors_of(&src);
@@ -162,7 +165,10 @@ fn missing_secret_variable_is_an_error_at_its_name() {
 
 #[test]
 fn hs384_needs_48_bytes() {
-    let src = base_toml().replace("secret_env = \"TEST_HS384\"", "secret_env = \"TEST_HS\"");
+    let src = base_toml().replace(
+        "secret_file = \"keys/hs384.secret\"",
+        "secret_env = \"KEYGATE_TEST_HS\"",
+    );
     let errors = errors_of(&src);
     assert!(errors
         .iter()
@@ -172,8 +178,8 @@ fn hs384_needs_48_bytes() {
 #[test]
 fn two_signing_keys_are_an_error() {
     let src = base_toml().replace(
-        "secret_env = \"TEST_HS384\"",
-        "secret_env = \"TEST_HS384\"\nsign = true",
+        "algorithm = \"HS384\"",
+        "algorithm = \"HS384\"\nsign = true",
     );
     assert!(errors_of(&src)
         .iter()
@@ -183,8 +189,8 @@ fn two_signing_keys_are_an_error() {
 #[test]
 fn asymmetric_signing_key_needs_its_private_key() {
     let src = base_toml().replace("sign = true", "").replace(
-        "public_key_file = \"keys/ed.pub.pem\"",
-        "public_key_file = \"keys/ed.pub.pem\"\nsign = true",
+        "public_key_file = \"keys/ed25519.pub.pem\"",
+        "public_key_file = \"keys/ed25519.pub.pem\"\nsign = true",
     );
     assert!(errors_of(&src)
         .iter()
@@ -194,7 +200,8 @@ fn asymmetric_signing_key_needs_its_private_key() {
 #[test]
 fn bad_values_are_each_reported() {
     let src = base_toml()
-        .replace("threads = 1", "threads = 0\ngrace_period = \"soon\"")
+        .replace("threads = 2", "threads = 0")
+        .replace("grace_period = \"1s\"", "grace_period = \"soon\"")
         .replace(
             "url = \"http://127.0.0.1:9000\"",
             "url = \"ftp://127.0.0.1:9000/x\"",
@@ -233,7 +240,7 @@ fn owned_key_with_a_tier_of_its_own_is_an_error() {
     assert_error_at(
         &errors_of(&src),
         &src,
-        "\"free\"\npermissions = [\"vms:read\"]\n\n[[api_keys]]",
+        "\"free\"\npermissions = [\"vms:read\"]\n\n[[api_keys]]\nid = \"dana-key\"",
         "shares the user's tier",
     );
 }

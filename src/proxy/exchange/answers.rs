@@ -31,6 +31,28 @@ pub fn json_fields(
     }
 }
 
+/// A refusal in the documented JSON shape as an `http` response, for the
+/// listeners served by pingora (the admin listener): the same body and
+/// fields as the public listener's, with a fresh request id.
+pub fn error_response(
+    status: u16,
+    code: &str,
+    message: &str,
+    extra: impl FnOnce(&mut dyn Fields),
+) -> http::Response<Vec<u8>> {
+    let request_id = request_id(None);
+    let body = gate::error_body(status, code, message, &request_id);
+    let mut response = http::Response::new(Vec::new());
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    json_fields(headers, None, "no-store", &request_id);
+    headers.field_u64(b"content-length", body.len() as u64);
+    extra(headers);
+    *response.body_mut() = body;
+    response
+}
+
 /// A head that could not be read: the documented JSON error, then close.
 pub async fn refuse_head<D: Downstream>(
     worker: &Worker,

@@ -43,7 +43,7 @@ mod gate_branch;
 mod record;
 mod webhooks;
 
-pub use answers::refuse_head;
+pub use answers::{error_response, refuse_head};
 use record::{request_id, Exchange};
 
 /// What every worker shares.

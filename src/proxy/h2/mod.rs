@@ -44,7 +44,7 @@ use crate::tls::Http2Limits;
 
 mod stream;
 
-pub use stream::assemble;
+pub use stream::{assemble, CONNECTION_SPECIFIC};
 
 /// The window [`Http2Limits::max_client_resets`] counts resets in (a
 /// browser cancels a few streams; an attack, thousands).

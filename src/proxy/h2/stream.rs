@@ -72,8 +72,8 @@ pub(super) async fn serve(
 }
 
 /// The stream's head as an HTTP/1.1 head would be: `host` from
-/// `:authority`, cookies joined (RFC 9113 §8.2.3), `te` and `expect`
-/// dropped (flow control replaces 100-continue), and a body without a
+/// `:authority`, cookies joined (RFC 9113 §8.2.3), [`CONNECTION_SPECIFIC`]
+/// fields dropped, and a body without a
 /// `content-length` marked chunked, so that the one validation of
 /// `http1::parse` reads it exactly as it reads HTTP/1.1.
 pub fn assemble(
@@ -97,8 +97,7 @@ pub fn assemble(
             // check refuse the request as it would over HTTP/1.1.
             "host" if authority.is_some_and(|a| a.as_bytes() == value.as_bytes()) => {}
             "cookie" => cookies.push(value.as_bytes()),
-            "te" | "expect" | "connection" | "keep-alive" | "proxy-connection"
-            | "transfer-encoding" | "upgrade" | "http2-settings" => {}
+            n if connection_specific(n.as_bytes()) => {}
             n => head.field(n.as_bytes(), value.as_bytes()),
         }
     }
@@ -109,6 +108,27 @@ pub fn assemble(
         head.field(b"transfer-encoding", b"chunked");
     }
     head.finish(parts.method.as_str().as_bytes())
+}
+
+/// Fields that belong to an HTTP/1.1 connection, not to a stream (RFC 9113
+/// §8.2.2), and `expect` (flow control replaces 100-continue): dropped from
+/// a stream's head and from its answer alike.
+pub const CONNECTION_SPECIFIC: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "http2-settings",
+    "expect",
+];
+
+fn connection_specific(name: &[u8]) -> bool {
+    CONNECTION_SPECIFIC
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
 }
 
 /// The sending side of a stream, as far as it has come.
@@ -138,8 +158,7 @@ impl Sender {
     }
 }
 
-/// An answer's header list; connection-specific fields have no place in
-/// HTTP/2 (RFC 9113 §8.2.2) and are left out.
+/// An answer's header list, without [`CONNECTION_SPECIFIC`] fields.
 #[derive(Default)]
 struct Answer {
     status: u16,
@@ -148,19 +167,7 @@ struct Answer {
 
 impl Fields for Answer {
     fn field(&mut self, name: &[u8], value: &[u8]) {
-        const CONNECTION_SPECIFIC: [&[u8]; 7] = [
-            b"connection",
-            b"keep-alive",
-            b"proxy-connection",
-            b"transfer-encoding",
-            b"upgrade",
-            b"te",
-            b"trailer",
-        ];
-        if CONNECTION_SPECIFIC
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+        if connection_specific(name) {
             return;
         }
         if let (Ok(name), Ok(value)) =
