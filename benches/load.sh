@@ -94,7 +94,7 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  upstream api { server 127.0.0.1:$UP; keepalive 128; }
+  upstream api { server 127.0.0.1:$UP; keepalive 1024; }
   server {
     listen 127.0.0.1:$NGX;
     location / {

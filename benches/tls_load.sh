@@ -84,7 +84,7 @@ http {
   ssl_certificate $work/tls.crt;
   ssl_certificate_key $work/tls.key;
   ssl_protocols TLSv1.2 TLSv1.3;
-  upstream api { server 127.0.0.1:$UP; keepalive 128; }
+  upstream api { server 127.0.0.1:$UP; keepalive 1024; }
   server {
     listen 127.0.0.1:$NGX ssl http2;
     ssl_session_cache shared:SSL:10m;

@@ -28,8 +28,11 @@ pub struct Endpoint {
     pub connect_timeout: Duration,
 }
 
-/// Idle connections kept per worker thread (nginx's `keepalive` directive).
-pub const POOL_SIZE: usize = 128;
+/// Idle connections kept per worker thread (nginx's `keepalive` directive;
+/// Envoy's default connection limit per cluster is 1024). An HTTP/2 client
+/// with hundreds of streams in flight needs as many upstream connections:
+/// with fewer kept, every burst would close and reopen the difference.
+pub const POOL_SIZE: usize = 1024;
 /// An idle connection older than this is closed rather than reused; below
 /// the common upstream keep-alive timeouts (nginx 75 s, Node 5 s is the
 /// exception and is caught by the retry).
@@ -162,7 +165,7 @@ impl Default for Pool {
 impl Pool {
     pub fn new() -> Pool {
         Pool {
-            idle: RefCell::new(Vec::with_capacity(POOL_SIZE)),
+            idle: RefCell::new(Vec::with_capacity(64)),
         }
     }
 

@@ -160,21 +160,63 @@ impl Sender {
 
 /// An answer's header list, without [`CONNECTION_SPECIFIC`] fields.
 #[derive(Default)]
+///
+/// Values are gathered in one buffer and handed to `http` as slices of it
+/// (one allocation for all of them, not one each), and the names keygate
+/// itself writes are `http`'s static ones.
 struct Answer {
     status: u16,
-    headers: HeaderMap,
+    names: Vec<(HeaderName, std::ops::Range<usize>)>,
+    values: bytes::BytesMut,
 }
+
+/// Names keygate writes on most answers, without an allocation each.
+const OWN_NAMES: [&str; 7] = [
+    "x-request-id",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit-policy",
+    "ratelimit",
+    "www-authenticate",
+];
 
 impl Fields for Answer {
     fn field(&mut self, name: &[u8], value: &[u8]) {
         if connection_specific(name) {
             return;
         }
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-        {
-            self.headers.append(name, value);
+        let own = OWN_NAMES.iter().find(|n| n.as_bytes() == name);
+        let name = match own {
+            Some(n) => HeaderName::from_static(n),
+            None => match HeaderName::from_bytes(name) {
+                Ok(n) => n,
+                Err(_) => return,
+            },
+        };
+        let start = self.values.len();
+        self.values.extend_from_slice(value);
+        self.names.push((name, start..self.values.len()));
+    }
+}
+
+impl Answer {
+    fn clear(&mut self, status: u16) {
+        self.status = status;
+        self.names.clear();
+        self.values.clear();
+    }
+
+    /// The header map, the values as slices of one buffer.
+    fn headers(&mut self) -> HeaderMap {
+        let values = self.values.split().freeze();
+        let mut map = HeaderMap::with_capacity(self.names.len() + 1);
+        for (name, range) in self.names.drain(..) {
+            if let Ok(value) = HeaderValue::from_maybe_shared(values.slice(range)) {
+                map.append(name, value);
+            }
         }
+        map
     }
 }
 
@@ -296,8 +338,7 @@ impl Downstream for Stream {
     }
 
     fn answer(&mut self, status: u16, _reason: &[u8]) -> &mut dyn Fields {
-        self.fields.status = status;
-        self.fields.headers.clear();
+        self.fields.clear(status);
         self.pending = None;
         &mut self.fields
     }
@@ -308,15 +349,14 @@ impl Downstream for Stream {
             AnswerBody::Declared { length, .. } => length,
             AnswerBody::Streamed | AnswerBody::Empty => None,
         };
+        let mut headers = self.fields.headers();
         if let Some(n) = length {
-            self.fields
-                .headers
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         let mut response = Response::new(());
         *response.status_mut() =
             http::StatusCode::from_u16(self.fields.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
-        *response.headers_mut() = std::mem::take(&mut self.fields.headers);
+        *response.headers_mut() = headers;
         self.pending = Some(response);
     }
 
