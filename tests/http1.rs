@@ -303,6 +303,38 @@ fn malformed_hostless_smuggling_and_oversized_heads_get_json_errors() {
     assert_eq!(upstream.count(), 0);
 }
 
+/// A head refused before its body was read: the connection is drained for
+/// a moment before it closes, so the client that is still sending gets its
+/// answer instead of a reset (nginx's lingering close).
+#[test]
+fn a_refused_head_is_answered_while_its_body_is_still_arriving() {
+    let (upstream, kg) = start();
+    let c = Wire::open(&kg);
+    let mut w = c.w.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // Two Content-Length headers: refused at the head.
+        w.write_all(
+            b"POST /v1/vms HTTP/1.1\r\nHost: api\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        )?;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..128 {
+            w.write_all(&chunk)?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let mut c = c;
+    let a = c.answer(false);
+    assert_eq!(a.status, 400);
+    assert_eq!(a.header("connection"), Some("close"));
+    let sent = writer.join().unwrap();
+    assert!(
+        sent.is_ok(),
+        "the client's body was cut off by a reset: {sent:?}"
+    );
+    assert!(c.closed());
+    assert_eq!(upstream.count(), 0);
+}
+
 #[test]
 fn chunked_request_bodies_are_forwarded_as_sent() {
     let (upstream, kg) = start();

@@ -196,12 +196,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// what the connection does next, decided here and only here. `head`
     /// returns its storage for the next one.
     pub fn finish(&mut self, head: Option<RequestHead>, gone: bool) -> Next {
+        let unreadable = head.is_none();
         if let Some(head) = head {
             self.headers = head.headers;
         }
         let next = if gone {
             Next::Close
-        } else if !self.body.is_done() {
+        } else if unreadable || !self.body.is_done() {
+            // What the client still sends after a head that could not be
+            // read is drained too: closing at once would reset the
+            // connection under the answer.
             // An unread request body cannot be skipped safely.
             Next::Linger
         } else if self.closing || !self.keep_alive {
@@ -221,7 +225,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// End the connection as `next` says.
     pub async fn close(mut self, next: Next) {
-        let _ = self.stream.shutdown().await;
+        // Bounded: a TLS close_notify to a client that reads nothing would
+        // otherwise wait forever.
+        let _ = tokio::time::timeout(LINGER_TIME, self.stream.shutdown()).await;
         if next == Next::Linger {
             self.linger().await;
         }

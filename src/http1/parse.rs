@@ -481,6 +481,10 @@ pub struct Assembled {
     buf: Vec<u8>,
     headers: Vec<Header>,
     target: Span,
+    /// A value began or ended with whitespace (RFC 9113 §8.2.1: malformed;
+    /// HTTP/1.1's parser would have trimmed it, the gate must not see a
+    /// value the upstream reads otherwise).
+    padded: bool,
 }
 
 impl Assembled {
@@ -492,10 +496,15 @@ impl Assembled {
             target: Span::new(0, buf.len()),
             buf,
             headers: Vec::new(),
+            padded: false,
         }
     }
 
     pub fn field(&mut self, name: &[u8], value: &[u8]) {
+        let pad = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+        if pad(value.first()) || pad(value.last()) {
+            self.padded = true;
+        }
         let start = self.buf.len();
         self.buf.extend_from_slice(name);
         let mid = self.buf.len();
@@ -511,6 +520,10 @@ impl Assembled {
     pub fn finish(self, method: &[u8]) -> (Vec<u8>, Result<RequestHead, WireError>) {
         if self.headers.len() > MAX_HEADERS {
             return (self.buf, Err(WireError::TooLarge));
+        }
+        if self.padded {
+            let why = "a header value begins or ends with whitespace";
+            return (self.buf, Err(WireError::Malformed(why)));
         }
         let target = self.target.get(&self.buf);
         let head = check_request(&self.buf, method, target, 1, self.headers, self.buf.len());

@@ -146,7 +146,7 @@ fn tls_connector() -> &'static TlsConnector {
 
 /// The idle connections of one worker, newest last.
 pub struct Pool {
-    idle: RefCell<Vec<Idle>>,
+    idle: RefCell<std::collections::VecDeque<Idle>>,
 }
 
 struct Idle {
@@ -165,14 +165,14 @@ impl Default for Pool {
 impl Pool {
     pub fn new() -> Pool {
         Pool {
-            idle: RefCell::new(Vec::with_capacity(64)),
+            idle: RefCell::new(std::collections::VecDeque::with_capacity(64)),
         }
     }
 
     /// The most recently used live connection to `up`, if any.
     pub fn take(&self, up: &Endpoint) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
-        while let Some(mut entry) = idle.pop() {
+        while let Some(mut entry) = idle.pop_back() {
             if (Arc::ptr_eq(&entry.upstream, &up.url) || entry.upstream == up.url)
                 && entry.since.elapsed() < IDLE_TIMEOUT
                 && entry.conn.is_idle_and_open()
@@ -188,9 +188,9 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= POOL_SIZE {
             // Oldest out: it is the likeliest to be closed by the upstream anyway.
-            idle.remove(0);
+            idle.pop_front();
         }
-        idle.push(Idle {
+        idle.push_back(Idle {
             conn,
             upstream: up.url.clone(),
             since: Instant::now(),

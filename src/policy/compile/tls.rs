@@ -253,8 +253,9 @@ impl Cx<'_> {
     fn http2(&mut self, h: Option<&config::Http2>) -> Http2Limits {
         let default = Http2Limits::default();
         let Some(h) = h else { return default };
-        // Each stream holds two 64 KiB pipes and an engine task: 1000 is
-        // about 128 MiB for one connection at worst.
+        // Each stream holds a task, its head and answer buffers (a few KiB
+        // to 64 KiB) and an upstream connection: 1000 bounds what one
+        // connection can hold.
         let max_concurrent_streams = self.within(
             h.max_concurrent_streams.as_ref(),
             1,

@@ -53,12 +53,15 @@ pub fn error_response(
     response
 }
 
-/// A head that could not be read: the documented JSON error, then close.
+/// A head that could not be read: the documented JSON error, then close;
+/// `head_method` when the request is known to be a HEAD (an HTTP/2
+/// stream's method is known even when its head is refused): no body then.
 pub async fn refuse_head<D: Downstream>(
     worker: &Worker,
     origin: &Origin,
     down: &mut D,
     e: WireError,
+    head_method: bool,
 ) -> Step {
     let started = Instant::now();
     let request_id = request_id(None);
@@ -68,7 +71,7 @@ pub async fn refuse_head<D: Downstream>(
     let fields = down.answer(status, reason(status).as_bytes());
     json_fields(fields, origin.hsts(), "no-store", &request_id);
     down.end_head(AnswerBody::Length(body.len() as u64), true, None);
-    let sent = down.send(&body, true).await;
+    let sent = down.send(if head_method { &[] } else { &body }, true).await;
     METRICS
         .auth_denials
         .with_label_values(&["invalid_request"])

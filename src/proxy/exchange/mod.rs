@@ -148,7 +148,7 @@ where
                 conn.finish(Some(head), served.is_err())
             }
             Err(e) => {
-                let served = answers::refuse_head(&worker, &origin, &mut conn, e).await;
+                let served = answers::refuse_head(&worker, &origin, &mut conn, e, false).await;
                 conn.finish(None, served.is_err())
             }
         };

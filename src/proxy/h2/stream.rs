@@ -32,6 +32,7 @@ pub(super) async fn serve(
 ) {
     let (parts, body) = req.into_parts();
     let (buf, head) = assemble(&parts, !body.is_end_stream());
+    let head_method = parts.method == Method::HEAD;
     let sender = Rc::new(RefCell::new(Sender::Head(respond)));
     let mut stream = Stream {
         buf,
@@ -44,7 +45,7 @@ pub(super) async fn serve(
     let work = async {
         match head {
             Ok(head) => exchange::handle(&worker, &origin, &mut stream, &head).await,
-            Err(e) => exchange::refuse_head(&worker, &origin, &mut stream, e).await,
+            Err(e) => exchange::refuse_head(&worker, &origin, &mut stream, e, head_method).await,
         }
     };
     // Counted as in flight until the answer is out or the client reset.
@@ -464,6 +465,17 @@ mod tests {
 
     fn head_count(req: http::Request<()>) -> usize {
         head(req, false).matches("host:").count()
+    }
+
+    #[test]
+    fn a_value_padded_with_whitespace_is_refused_not_trimmed() {
+        let req = http::Request::builder()
+            .uri("https://a.example/")
+            .header("x-api-key", "key ")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        assert!(assemble(&parts, false).1.is_err());
     }
 
     #[test]
