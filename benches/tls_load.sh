@@ -34,7 +34,8 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release --quiet --bin keygate
-BIN=target/release/keygate
+# KEYGATE_BIN: another keygate binary (an A/B against an older build).
+BIN=${KEYGATE_BIN:-target/release/keygate}
 
 work=$(mktemp -d)
 pids=()
