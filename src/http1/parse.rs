@@ -475,7 +475,7 @@ fn check_request(
 }
 
 /// A request head that arrived as a list of fields (an HTTP/2 stream's),
-/// laid out in one buffer so that [`check_request`] reads and checks it
+/// laid out in one buffer so that `check_request` reads and checks it
 /// exactly as it does an HTTP/1.1 head.
 pub struct Assembled {
     buf: Vec<u8>,

@@ -1,6 +1,6 @@
 //! HTTP/2 downstream (TLS with ALPN `h2`), on the `h2` crate.
 //!
-//! Each stream is a [`stream::Stream`], the application's `Downstream`:
+//! Each stream is a `stream::Stream`, the application's `Downstream`:
 //! its header list is laid out as a head and held to the very rules of an
 //! HTTP/1.1 head (`http1::parse::Assembled`; so, e.g., a `Host` that
 //! disagrees with `:authority` is refused as a duplicate `Host`), then
