@@ -342,7 +342,9 @@ pub async fn relay<D: Downstream>(
     let mut decoder = Decoder::new(answer.head.body);
     let mut pos = answer.head.len;
     let mut head_sent = false;
-    let mut payload = spare::take(READ_CHUNK);
+    // Only a body split by chunk framing is gathered: empty (no allocation)
+    // for the usual answer with a length.
+    let mut payload = Vec::new();
     let result = loop {
         payload.clear();
         let avail = &answer.buf[pos..];
