@@ -275,15 +275,22 @@ pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Every line of a head ends in CRLF, and CR appears nowhere else: a bare
 /// LF is a line end to some parsers and header text to others.
+///
+/// Every LF has a CR before it, and there are as many CRs as LFs (a CR at
+/// the very end may still wait for its LF): then every CR has its LF. Found
+/// with `memchr` (SIMD), not byte by byte: this ran over every byte of
+/// every head twice per request and was a tenth of the proxy's own
+/// instructions.
 fn line_ends_are_crlf(head: &[u8]) -> bool {
-    let mut prev = 0u8;
-    for &b in head {
-        if (b == b'\n') != (prev == b'\r') {
+    let mut lfs = 0usize;
+    for at in memchr::memchr_iter(b'\n', head) {
+        if at == 0 || head[at - 1] != b'\r' {
             return false;
         }
-        prev = b;
+        lfs += 1;
     }
-    true
+    let crs = memchr::memchr_iter(b'\r', head).count();
+    crs == lfs + usize::from(head.last() == Some(&b'\r'))
 }
 
 fn spans(buf: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<Header>) {

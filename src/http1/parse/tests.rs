@@ -225,3 +225,36 @@ fn broken_answers_are_errors() {
         assert!(resp(Method::GET, bad).is_err(), "{bad:?}");
     }
 }
+
+/// The SIMD check says what the byte-by-byte rule says, on every short mix
+/// of CR, LF and other bytes.
+#[test]
+fn the_crlf_check_agrees_with_the_byte_rule() {
+    fn by_bytes(head: &[u8]) -> bool {
+        let mut prev = 0u8;
+        for &b in head {
+            if (b == b'\n') != (prev == b'\r') {
+                return false;
+            }
+            prev = b;
+        }
+        true
+    }
+    let alphabet = [b'\r', b'\n', b'a'];
+    for len in 0..=7u32 {
+        for n in 0..3usize.pow(len) {
+            let mut head = Vec::new();
+            let mut k = n;
+            for _ in 0..len {
+                head.push(alphabet[k % 3]);
+                k /= 3;
+            }
+            assert_eq!(
+                super::line_ends_are_crlf(&head),
+                by_bytes(&head),
+                "{:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+    }
+}
