@@ -103,14 +103,15 @@ impl Answer {
 }
 
 /// The buffers of one upstream exchange, from the thread's spares.
-struct Scratch {
-    out: Vec<u8>,
+struct Scratch<'a> {
+    /// The request head, then re-encoded body runs: the caller's buffer.
+    out: &'a mut Vec<u8>,
+    /// Decoded body bytes from the client.
     body: Vec<u8>,
 }
 
-impl Drop for Scratch {
+impl Drop for Scratch<'_> {
     fn drop(&mut self) {
-        spare::give(std::mem::take(&mut self.out));
         spare::give(std::mem::take(&mut self.body));
     }
 }
@@ -128,9 +129,9 @@ pub fn may_retry(method: &Method) -> bool {
 
 /// Send a request upstream and read its answer's head. `head` holds the
 /// request line and fields (no framing, no blank line); the framing is
-/// added to it in place. A body wholly in
-/// hand goes out with the head under a `content-length`, and the request
-/// may then be sent again on a fresh connection (see [`may_retry`]).
+/// added to it in place. A body wholly in hand goes out with the head under
+/// a `content-length`, and the request may then be sent again on a fresh
+/// connection (see [`may_retry`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn send<D: Downstream>(
     down: &mut D,
@@ -142,40 +143,20 @@ pub async fn send<D: Downstream>(
     body: OutBody<'_>,
     progress: &mut Progress,
 ) -> Result<Answer, Stop> {
-    let mut s = Scratch {
-        out: std::mem::take(head),
+    let s = &mut Scratch {
+        out: head,
         body: Vec::new(),
     };
-    let sent = exchange(
-        down, pool, endpoint, timeout, method, &mut s, body, progress,
-    )
-    .await;
-    // The caller's buffer, back for its next use.
-    *head = std::mem::take(&mut s.out);
-    sent
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn exchange<D: Downstream>(
-    down: &mut D,
-    pool: &Pool,
-    endpoint: &Endpoint,
-    timeout: Duration,
-    method: &Method,
-    s: &mut Scratch,
-    body: OutBody<'_>,
-    progress: &mut Progress,
-) -> Result<Answer, Stop> {
     let chunked = match body {
         OutBody::Buffered(bytes) => {
-            header_u64(&mut s.out, b"content-length", bytes.len() as u64);
+            header_u64(s.out, b"content-length", bytes.len() as u64);
             s.out.extend_from_slice(b"\r\n");
             s.out.extend_from_slice(bytes);
             false
         }
         OutBody::None => {
             if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-                header_u64(&mut s.out, b"content-length", 0);
+                header_u64(s.out, b"content-length", 0);
             }
             s.out.extend_from_slice(b"\r\n");
             false
@@ -188,21 +169,21 @@ async fn exchange<D: Downstream>(
             progress.bytes_in += used as u64;
             let chunked = match length {
                 _ if down.body_done() => {
-                    header_u64(&mut s.out, b"content-length", s.body.len() as u64);
+                    header_u64(s.out, b"content-length", s.body.len() as u64);
                     false
                 }
                 Some(n) => {
-                    header_u64(&mut s.out, b"content-length", n);
+                    header_u64(s.out, b"content-length", n);
                     false
                 }
                 None => {
-                    header(&mut s.out, b"transfer-encoding", b"chunked");
+                    header(s.out, b"transfer-encoding", b"chunked");
                     true
                 }
             };
             s.out.extend_from_slice(b"\r\n");
             if chunked {
-                encode_chunk(&mut s.out, &s.body);
+                encode_chunk(s.out, &s.body);
             } else {
                 s.out.extend_from_slice(&s.body);
             }
@@ -227,7 +208,7 @@ async fn exchange<D: Downstream>(
         };
         // Sent again only if the upstream cannot have acted on it twice.
         let may_retry = reused && in_hand && !retried && may_retry(method);
-        match tokio::time::timeout(timeout, conn.write_all(&s.out)).await {
+        match tokio::time::timeout(timeout, conn.write_all(s.out)).await {
             Ok(Ok(())) => progress.forwarded = true,
             Ok(Err(_)) if may_retry => {
                 retried = true;
@@ -267,7 +248,7 @@ async fn stream_body<D: Downstream>(
     conn: &mut Conn,
     chunked: bool,
     timeout: Duration,
-    s: &mut Scratch,
+    s: &mut Scratch<'_>,
     progress: &mut Progress,
 ) -> Result<(), Stop> {
     while !down.body_done() {
@@ -276,12 +257,12 @@ async fn stream_body<D: Downstream>(
         progress.bytes_in += used as u64;
         s.out.clear();
         if chunked {
-            encode_chunk(&mut s.out, &s.body);
+            encode_chunk(s.out, &s.body);
             if down.body_done() {
                 s.out.extend_from_slice(LAST_CHUNK);
             }
         }
-        let bytes = if chunked { &s.out } else { &s.body };
+        let bytes: &[u8] = if chunked { s.out } else { &s.body };
         if bytes.is_empty() {
             continue;
         }

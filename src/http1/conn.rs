@@ -203,10 +203,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let next = if gone {
             Next::Close
         } else if unreadable || !self.body.is_done() {
-            // What the client still sends after a head that could not be
-            // read is drained too: closing at once would reset the
-            // connection under the answer.
-            // An unread request body cannot be skipped safely.
+            // An unread request body cannot be skipped safely, and what a
+            // client still sends after a head that could not be read is
+            // drained too: closing at once would reset the connection
+            // under the answer.
             Next::Linger
         } else if self.closing || !self.keep_alive {
             Next::Close

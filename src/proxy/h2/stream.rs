@@ -160,11 +160,11 @@ impl Sender {
 }
 
 /// An answer's header list, without [`CONNECTION_SPECIFIC`] fields.
-#[derive(Default)]
 ///
 /// Values are gathered in one buffer and handed to `http` as slices of it
 /// (one allocation for all of them, not one each), and the names keygate
 /// itself writes are `http`'s static ones.
+#[derive(Default)]
 struct Answer {
     status: u16,
     names: Vec<(HeaderName, std::ops::Range<usize>)>,
