@@ -121,6 +121,7 @@ fn bench_decisions(c: &mut Criterion) {
             path,
             headers,
             client_cert: None,
+            stored: None,
         };
         // The bench policy's tier is unlimited: the limiter has benches of its own.
         let limiter = Limiter::new();
@@ -189,6 +190,7 @@ fn bench_decisions(c: &mut Criterion) {
                         path: "/v1/vms/vm-1",
                         headers: &pool[next],
                         client_cert: None,
+                        stored: None,
                     };
                     let d = decide(
                         black_box(&policy),

@@ -6,6 +6,9 @@
 #   haproxy-jwt     HAProxy 2.6: jwt_verify HS256 + exp check + stick-table rate per sub
 #   keygate-jwt     keygate, HS256 JWT, limited tier (limiter active)
 #   keygate-apikey  keygate, API key, same account
+#   keygate-selfkey keygate, a self-service key (made through the admin API,
+#                   kept in the embedded store, served from the lookup cache)
+#   keygate-selfkey-redis the same on keygate-redis: the key in Redis
 #   nginx-proxy-log nginx-proxy with its access_log on (combined, to a file)
 #   keygate-jwt-log keygate-jwt with access = "json" (stdout to a file)
 #   keygate-redis   keygate-jwt with its limits in a local redis-server
@@ -134,6 +137,8 @@ kid = "load"
 algorithm = "HS256"
 secret_env = "KEYGATE_JWT_SECRET"
 sign = true
+[auth.self_service]
+enabled = true
 [tiers.pro]
 limit = 1000000000
 period = "1h"
@@ -225,6 +230,16 @@ smoke() { # expected-status url header...
     [ "$got" = "$want" ] || { echo "smoke check: $url answered $got, not $want"; tail -n 20 "$work"/*.log; exit 1; }
 }
 smoke 200 "http://127.0.0.1:$KG/v1/vms" -H "X-API-Key: $API_KEY"
+# A self-service key on each store, made as a customer's would be.
+self_key() { # admin-port
+    curl -sf -X POST "http://127.0.0.1:$1/keys" \
+        -d '{"user": "u_load", "name": "load", "permissions": ["vms:read"]}' |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["key"])'
+}
+SELF_KEY=$(self_key "$ADMIN")
+SELF_KEY_R=$(self_key "$ADMINR")
+smoke 200 "http://127.0.0.1:$KG/v1/vms" -H "X-API-Key: $SELF_KEY"
+smoke 200 "http://127.0.0.1:$KGR/v1/vms" -H "X-API-Key: $SELF_KEY_R"
 smoke 200 "http://127.0.0.1:$KG/v1/vms" -H "Authorization: Bearer $JWT"
 smoke 200 "http://127.0.0.1:$HAP/v1/vms" -H "Authorization: Bearer $JWT"
 # A wrong signature: change a character well inside it (the last one may
@@ -269,6 +284,8 @@ targets=(
   "haproxy-jwt|http://127.0.0.1:$HAP/v1/vms|Authorization: Bearer $JWT"
   "keygate-jwt|http://127.0.0.1:$KG/v1/vms|Authorization: Bearer $JWT"
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
+  "keygate-selfkey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $SELF_KEY"
+  "keygate-selfkey-redis|http://127.0.0.1:$KGR/v1/vms|X-API-Key: $SELF_KEY_R"
   "keygate-jwt-log|http://127.0.0.1:$KGL/v1/vms|Authorization: Bearer $JWT"
   "keygate-redis|http://127.0.0.1:$KGR/v1/vms|Authorization: Bearer $JWT"
   "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
@@ -298,13 +315,13 @@ done
 
 args=()
 for m in rps p50 p99; do
-  for n in direct nginx-proxy nginx-proxy-log haproxy-jwt keygate-jwt keygate-apikey keygate-jwt-log keygate-redis pingora-bare hyper-bare; do
+  for n in direct nginx-proxy nginx-proxy-log haproxy-jwt keygate-jwt keygate-apikey keygate-selfkey keygate-selfkey-redis keygate-jwt-log keygate-redis pingora-bare hyper-bare; do
     eval "args+=(\"\${$m[$n]:-}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "nginx-proxy-log", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-jwt-log", "keygate-redis", "pingora-bare", "hyper-bare"]
+names = ["direct", "nginx-proxy", "nginx-proxy-log", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-selfkey", "keygate-selfkey-redis", "keygate-jwt-log", "keygate-redis", "pingora-bare", "hyper-bare"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
@@ -322,6 +339,11 @@ print("| target | req/s | p50 ms | p99 ms | vs nginx-proxy | vs haproxy-jwt |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for n in ran:
     print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {ratio(n, 'nginx-proxy')} | {ratio(n, 'haproxy-jwt')} |")
+if "keygate-selfkey" in rps:
+    print()
+    for n in ("keygate-selfkey", "keygate-selfkey-redis"):
+        if n in rps:
+            print(f"self-service key: {n} = {ratio(n, 'keygate-apikey')} keygate-apikey (TOML key)")
 if "keygate-jwt-log" in rps:
     print()
     print(f"access log on: keygate-jwt-log = {ratio('keygate-jwt-log', 'keygate-jwt')} keygate-jwt (log off), "

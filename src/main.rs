@@ -118,6 +118,11 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Manage a user's self-service API keys on the running instance (its admin listener)
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Move live state (refresh tokens, spent quotas) between stores, e.g. embedded to Redis
     State {
         #[command(subcommand)]
@@ -146,6 +151,65 @@ enum ConfigAction {
         /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Make a key for a user and print it (the only time it is shown)
+    Create {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The owner (email or user id)
+        #[arg(long, value_name = "EMAIL")]
+        user: String,
+        /// A name for the key
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Its permissions (comma-separated; never more than the owner's; default: the owner's but keys:manage)
+        #[arg(long, value_delimiter = ',')]
+        permissions: Option<Vec<String>>,
+        /// Addresses or CIDRs it may be used from (comma-separated)
+        #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+        ip_allow: Option<Vec<String>>,
+        /// When it ends, from now (e.g. 90d)
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// List a user's live keys (never the keys themselves)
+    List {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The owner (email or user id)
+        #[arg(long, value_name = "EMAIL")]
+        user: String,
+    },
+    /// Revoke a key at once, on every sidecar
+    Revoke {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The key's id (key_…)
+        id: String,
+        /// Refuse unless the key is this user's
+        #[arg(long, value_name = "EMAIL")]
+        user: Option<String>,
+    },
+    /// Make a new key in place of one; the old one keeps working for the grace period
+    Roll {
+        /// The configuration file (default: $KEYGATE_CONFIG, else ./keygate.toml)
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The key's id (key_…)
+        id: String,
+        /// Refuse unless the key is this user's
+        #[arg(long, value_name = "EMAIL")]
+        user: Option<String>,
+        /// How long the old key keeps working (default: [auth.self_service] default_grace)
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
     },
 }
 
@@ -298,6 +362,41 @@ fn main() -> ExitCode {
             &keygate::cli::config_path(config),
             &mut std::io::stdout().lock(),
         ),
+        Command::Keys { action } => {
+            use keygate::cli::keys::Action;
+            let (config, action) = match action {
+                KeysAction::Create {
+                    config,
+                    user,
+                    name,
+                    permissions,
+                    ip_allow,
+                    expires_in,
+                } => (
+                    config,
+                    Action::Create {
+                        user,
+                        name,
+                        permissions,
+                        ip_allow,
+                        expires_in,
+                    },
+                ),
+                KeysAction::List { config, user } => (config, Action::List { user }),
+                KeysAction::Revoke { config, id, user } => (config, Action::Revoke { id, user }),
+                KeysAction::Roll {
+                    config,
+                    id,
+                    user,
+                    grace,
+                } => (config, Action::Roll { id, user, grace }),
+            };
+            keygate::cli::keys::run(
+                &keygate::cli::config_path(config),
+                action,
+                &mut std::io::stdout().lock(),
+            )
+        }
         Command::State {
             action: StateAction::Export { config },
         } => keygate::cli::state::export(

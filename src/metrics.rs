@@ -43,6 +43,11 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub limiter_accounts: IntGauge,
     pub state_errors: IntCounterVec,
+    /// Self-service keys: changes by action, cache results, store lookups
+    /// by outcome.
+    pub key_changes: IntCounterVec,
+    pub key_cache: IntCounterVec,
+    pub key_lookups: IntCounterVec,
     pub redis_calls: IntCounterVec,
     pub redis_call_duration: Histogram,
     /// `keygate_limit_decisions_total`, one series per source, resolved
@@ -311,6 +316,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["op"]
         )
         .expect("register keygate_state_errors_total"),
+        key_changes: register_int_counter_vec!(
+            "keygate_self_service_key_changes_total",
+            "Changes to self-service keys and account allowlists, by action (create, update, revoke, roll, ip_allow).",
+            &["action"]
+        )
+        .expect("register keygate_self_service_key_changes_total"),
+        key_cache: register_int_counter_vec!(
+            "keygate_self_service_key_cache_total",
+            "Lookups of self-service keys in this sidecar's cache, by result (hit, negative_hit, miss).",
+            &["result"]
+        )
+        .expect("register keygate_self_service_key_cache_total"),
+        key_lookups: register_int_counter_vec!(
+            "keygate_self_service_key_store_lookups_total",
+            "Lookups of self-service keys in the state store, by outcome (found, unknown, error, refused: from an address with too many unknown keys, without a lookup).",
+            &["outcome"]
+        )
+        .expect("register keygate_self_service_key_store_lookups_total"),
         config_reloads: register_int_counter_vec!(
             "keygate_config_reloads_total",
             "Configuration reloads, by result (success, failure).",
@@ -367,6 +390,15 @@ fn zero_known_series(m: &Metrics) {
     }
     for grant in ["password", "refresh_token"] {
         m.tokens_issued.with_label_values(&[grant]);
+    }
+    for action in ["create", "update", "revoke", "roll", "ip_allow"] {
+        m.key_changes.with_label_values(&[action]);
+    }
+    for result in ["hit", "negative_hit", "miss"] {
+        m.key_cache.with_label_values(&[result]);
+    }
+    for outcome in ["found", "unknown", "error", "refused"] {
+        m.key_lookups.with_label_values(&[outcome]);
     }
     for op in ["write", "evict", "purge", "unauthenticated_record"] {
         m.state_errors.with_label_values(&[op]);

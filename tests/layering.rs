@@ -29,17 +29,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("gate", &["limit", "policy"]),
     ("state", &["clock", "limit", "metrics", "policy"]),
     ("issue", &["clock", "limit", "metrics", "policy", "state"]),
+    // Self-service keys: the gate's view of a stored key, kept in `state`.
+    (
+        "keys",
+        &["clock", "gate", "limit", "metrics", "policy", "state"],
+    ),
     (
         "proxy",
         &[
-            "clock", "config", "gate", "http1", "issue", "limit", "metrics", "policy", "state",
-            "tls", "webhook",
+            "clock", "config", "gate", "http1", "issue", "keys", "limit", "metrics", "policy",
+            "state", "tls", "webhook",
         ],
     ),
     (
         "cli",
         &[
-            "clock", "config", "gate", "issue", "limit", "policy", "proxy", "state", "tls",
+            "clock", "config", "gate", "issue", "keys", "limit", "policy", "proxy", "state", "tls",
             "webhook",
         ],
     ),

@@ -171,6 +171,7 @@ pub fn explain(policy: &Policy, req: &Request<'_>, now_us: u64) -> anyhow::Resul
         path: &path,
         headers: &headers,
         client_cert: client_cert.as_ref(),
+        stored: None,
     };
     // A fresh limiter: explain shows the tier that would apply, not live counters.
     let d = gate::decide(policy, &Limiter::new(), &facts, now_us);
@@ -309,7 +310,7 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
         return decision(&mut line, policy, d);
     }
 
-    let credential = match (req.token, req.api_key, d.principal) {
+    let credential = match (req.token, req.api_key, &d.principal) {
         (_, _, Some(p)) => format!("{} ({})", verdict(false), p.method.as_str()),
         (None, None, None) if !failed_at("credential") => "none".to_string(),
         _ => format!(
@@ -319,10 +320,10 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
         ),
     };
     line("credential", credential);
-    let Some(p) = d.principal else {
+    let Some(p) = &d.principal else {
         return decision(&mut line, policy, d);
     };
-    let who = match p.holder {
+    let who = match p.holder.clone() {
         Holder::Key {
             key: k,
             owner: Some(u),
@@ -343,6 +344,12 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
             key: k,
             owner: None,
         } => format!("key {:?} (no owner)", policy.api_key(k).id),
+        Holder::Stored { ref key, owner: u } => format!(
+            "self-service key {:?} owned by user {:?} <{}>",
+            key.id,
+            policy.user(u).id,
+            policy.user(u).email
+        ),
     };
     line("principal", who);
     line("ip rule", verdict(failed_at("ip")).to_string());
@@ -352,7 +359,8 @@ fn steps(out: &mut String, policy: &Policy, req: &Request<'_>, d: &Decision) {
     let needs = d
         .route
         .map_or_else(Vec::new, |r| policy.route(r).permissions.to_vec());
-    let holds: Vec<&str> = p.permissions(policy).iter().collect();
+    let held = p.permissions(policy);
+    let holds: Vec<&str> = held.iter().collect();
     line(
         "permissions",
         format!(

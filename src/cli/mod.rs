@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod dump;
 pub mod explain;
+pub mod keys;
 pub mod state;
 
 use std::io::Read;

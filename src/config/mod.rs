@@ -267,6 +267,21 @@ pub struct Auth {
     pub login_throttle_period: Option<Str>,
     #[serde(default)]
     pub keys: Vec<Spanned<JwtKey>>,
+    pub self_service: Option<Spanned<SelfService>>,
+}
+
+/// `[auth.self_service]`: customers' own API keys and account allowlist.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfService {
+    #[serde(default)]
+    pub enabled: bool,
+    pub path: Option<Str>,
+    pub account_path: Option<Str>,
+    pub key_prefix: Option<Str>,
+    pub max_keys_per_user: Option<Spanned<i64>>,
+    pub default_grace: Option<Str>,
+    pub max_grace: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

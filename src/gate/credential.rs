@@ -141,12 +141,26 @@ pub fn find_client_cert(policy: &Policy, cert: &PeerCert, now: u64) -> Result<Ke
 
 /// The API key whose SHA-256 the policy lists, if it may be used now.
 pub fn find_api_key(policy: &Policy, key: &str, now: u64) -> Result<KeyIdx, Denial> {
-    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-    let prefix = crate::policy::hash_prefix(&hash);
-    let (idx, _) = policy
+    let idx = policy_key(policy, &key_hash(key)).ok_or(Denial::InvalidApiKey("unknown key"))?;
+    usable_key(policy, idx, now)
+}
+
+/// SHA-256 of an API key: what the policy and the store index keys by.
+pub fn key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The policy's key with this SHA-256 (compared in constant time).
+pub fn policy_key(policy: &Policy, hash: &[u8; 32]) -> Option<KeyIdx> {
+    let prefix = crate::policy::hash_prefix(hash);
+    policy
         .api_key_by_hash_prefix(prefix)
-        .filter(|(_, k)| bool::from(k.sha256.ct_eq(&hash)))
-        .ok_or(Denial::InvalidApiKey("unknown key"))?;
+        .filter(|(_, k)| bool::from(k.sha256.ct_eq(hash)))
+        .map(|(idx, _)| idx)
+}
+
+/// The policy's key `idx`, if it may be used now.
+pub fn usable_key(policy: &Policy, idx: KeyIdx, now: u64) -> Result<KeyIdx, Denial> {
     usable(policy, idx, now).map_err(|why| {
         Denial::InvalidApiKey(match why {
             Unusable::Disabled => "the key is disabled",

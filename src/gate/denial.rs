@@ -25,6 +25,10 @@ pub enum Denial {
     /// The shared limiter (Redis) could not be asked in time, under
     /// `on_error_limits = "closed"`.
     StateUnavailable,
+    /// A self-service key not looked up: the address presented too many
+    /// unknown keys lately (429 `rate_limited`, not a 401 that would make
+    /// a client throw a good key away).
+    KeyLookupsThrottled,
 }
 
 impl Denial {
@@ -52,7 +56,7 @@ impl Denial {
             | Denial::InvalidApiKey(_)
             | Denial::InvalidClientCert(_) => 401,
             Denial::IpNotAllowed | Denial::InsufficientPermissions(_) | Denial::Forbidden => 403,
-            Denial::RateLimited => 429,
+            Denial::RateLimited | Denial::KeyLookupsThrottled => 429,
             Denial::StateUnavailable => 503,
         }
     }
@@ -68,7 +72,7 @@ impl Denial {
             Denial::IpNotAllowed => "ip_not_allowed",
             Denial::InsufficientPermissions(_) => "insufficient_permissions",
             Denial::Forbidden => "forbidden",
-            Denial::RateLimited => "rate_limited",
+            Denial::RateLimited | Denial::KeyLookupsThrottled => "rate_limited",
             Denial::StateUnavailable => "state_unavailable",
         }
     }
@@ -95,6 +99,9 @@ impl Denial {
             }
             Denial::StateUnavailable => {
                 "the rate limit cannot be checked right now; try again".to_string()
+            }
+            Denial::KeyLookupsThrottled => {
+                "too many unknown API keys from this address; see Retry-After".to_string()
             }
         }
     }

@@ -12,16 +12,20 @@ mod credential;
 mod denial;
 mod jwt;
 pub mod path;
+pub mod stored;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method};
 
 pub use credential::{
-    extract as extract_credential, find_api_key, Credential, PeerCert, MAX_CREDENTIAL_LEN,
+    extract as extract_credential, find_api_key, key_hash, Credential, PeerCert, MAX_CREDENTIAL_LEN,
 };
 pub use denial::{error_body, Denial};
 pub use jwt::verify as verify_jwt;
+pub use stored::{Lookup, StoredKey, StoredKeys};
 
 pub use crate::limit::QuotaNeed;
 use crate::limit::{AccountId, Limiter, Outcome};
@@ -41,6 +45,9 @@ pub struct RequestFacts<'a, H: HeaderSource + ?Sized = HeaderMap> {
     pub headers: &'a H,
     /// The connection's verified client certificate, if any (mTLS).
     pub client_cert: Option<&'a PeerCert>,
+    /// Self-service keys and account allowlists, where the caller has them
+    /// (the proxy does; `explain` and the benches may not).
+    pub stored: Option<&'a dyn StoredKeys>,
 }
 
 /// Request headers as the gate reads them: every value of one header, in
@@ -93,20 +100,40 @@ impl AuthMethod {
     }
 }
 
-/// Who a request speaks for: indices into the policy it was decided under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who a request speaks for: indices into the policy it was decided under
+/// (and a self-service key as the store had it).
+#[derive(Debug, Clone)]
 pub struct Principal {
     pub method: AuthMethod,
     pub holder: Holder,
 }
 
 /// A user (a JWT), or an API key or client certificate binding, which may
-/// have an owner: never neither.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// have an owner, or a self-service key, which always has one: never none.
+#[derive(Debug, Clone)]
 pub enum Holder {
     User(UserIdx),
     Key { key: KeyIdx, owner: Option<UserIdx> },
+    Stored { key: Arc<StoredKey>, owner: UserIdx },
 }
+
+impl PartialEq for Principal {
+    fn eq(&self, other: &Principal) -> bool {
+        self.method == other.method
+            && match (&self.holder, &other.holder) {
+                (Holder::User(a), Holder::User(b)) => a == b,
+                (Holder::Key { key: a, owner: x }, Holder::Key { key: b, owner: y }) => {
+                    a == b && x == y
+                }
+                (Holder::Stored { key: a, owner: x }, Holder::Stored { key: b, owner: y }) => {
+                    a.id == b.id && x == y
+                }
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Principal {}
 
 impl Principal {
     /// A JWT's user.
@@ -131,64 +158,97 @@ impl Principal {
     /// The user it speaks for: the token's, or the key's owner.
     pub fn user(&self) -> Option<UserIdx> {
         match self.holder {
-            Holder::User(u) => Some(u),
+            Holder::User(u) | Holder::Stored { owner: u, .. } => Some(u),
             Holder::Key { owner, .. } => owner,
         }
     }
 
-    /// The API key (or certificate binding) it came with.
-    pub fn key_idx(&self) -> Option<KeyIdx> {
-        match self.holder {
+    /// The id of the API key (or certificate binding) it came with.
+    pub fn key_id<'s>(&'s self, policy: &'s Policy) -> Option<&'s str> {
+        match &self.holder {
             Holder::User(_) => None,
-            Holder::Key { key, .. } => Some(key),
+            Holder::Key { key, .. } => Some(&policy.api_key(*key).id),
+            Holder::Stored { key, .. } => Some(&key.id),
+        }
+    }
+
+    /// [`Principal::key_id`] as the `X-Auth-Key-Id` value.
+    pub fn key_id_header<'s>(&'s self, policy: &'s Policy) -> Option<&'s HeaderValue> {
+        match &self.holder {
+            Holder::User(_) => None,
+            Holder::Key { key, .. } => Some(&policy.api_key(*key).id_header),
+            Holder::Stored { key, .. } => Some(&key.id_header),
         }
     }
 
     /// The user's id, or for a key without an owner the key's id.
     pub fn subject<'p>(&self, policy: &'p Policy) -> &'p HeaderValue {
         match self.holder {
-            Holder::User(u) | Holder::Key { owner: Some(u), .. } => &policy.user(u).id_header,
+            Holder::User(u)
+            | Holder::Key { owner: Some(u), .. }
+            | Holder::Stored { owner: u, .. } => &policy.user(u).id_header,
             Holder::Key { key, owner: None } => &policy.api_key(key).id_header,
         }
     }
 
     pub fn subject_str<'p>(&self, policy: &'p Policy) -> &'p str {
         match self.holder {
-            Holder::User(u) | Holder::Key { owner: Some(u), .. } => &policy.user(u).id,
+            Holder::User(u)
+            | Holder::Key { owner: Some(u), .. }
+            | Holder::Stored { owner: u, .. } => &policy.user(u).id,
             Holder::Key { key, owner: None } => &policy.api_key(key).id,
         }
     }
 
     pub fn tier(&self, policy: &Policy) -> TierIdx {
         match self.holder {
-            Holder::User(u) => policy.user(u).tier,
+            Holder::User(u) | Holder::Stored { owner: u, .. } => policy.user(u).tier,
             Holder::Key { key, .. } => policy.api_key(key).tier,
         }
     }
 
-    /// Current permissions: a key's (already capped by its owner's), else the user's.
-    pub fn permissions<'p>(&self, policy: &'p Policy) -> &'p Permissions {
-        match self.holder {
-            Holder::User(u) => &policy.user(u).permissions,
-            Holder::Key { key, .. } => &policy.api_key(key).permissions,
+    /// Current permissions: a key's (capped by its owner's current ones),
+    /// else the user's.
+    pub fn permissions<'s>(&'s self, policy: &'s Policy) -> Cow<'s, Permissions> {
+        match &self.holder {
+            Holder::User(u) => Cow::Borrowed(&policy.user(*u).permissions),
+            Holder::Key { key, .. } => Cow::Borrowed(&policy.api_key(*key).permissions),
+            Holder::Stored { key, owner } => {
+                Cow::Owned(key.permissions.intersect(&policy.user(*owner).permissions))
+            }
+        }
+    }
+
+    /// Whether it holds `permission` now.
+    pub fn holds(&self, policy: &Policy, permission: &str) -> bool {
+        match &self.holder {
+            Holder::User(u) => policy.user(*u).permissions.contains(permission),
+            Holder::Key { key, .. } => policy.api_key(*key).permissions.contains(permission),
+            Holder::Stored { key, owner } => {
+                key.permissions.contains(permission)
+                    && policy.user(*owner).permissions.contains(permission)
+            }
         }
     }
 
     /// The limiter account: the user's (shared by its keys) or the key's own.
     pub fn account(&self, policy: &Policy) -> AccountId {
         match self.holder {
-            Holder::User(u) => policy.user(u).account,
+            Holder::User(u) | Holder::Stored { owner: u, .. } => policy.user(u).account,
             Holder::Key { key, .. } => policy.api_key(key).account,
         }
     }
 
     /// The key's allowlist and its owner's both apply.
     pub fn ip_permitted(&self, policy: &Policy, ip: IpAddr) -> bool {
-        self.key_idx()
-            .is_none_or(|k| policy.api_key(k).ip_allow.permits(ip))
-            && self
-                .user()
-                .is_none_or(|u| policy.user(u).ip_allow.permits(ip))
+        let key = match &self.holder {
+            Holder::User(_) => true,
+            Holder::Key { key, .. } => policy.api_key(*key).ip_allow.permits(ip),
+            Holder::Stored { key, .. } => key.ip_allow.permits(ip),
+        };
+        key && self
+            .user()
+            .is_none_or(|u| policy.user(u).ip_allow.permits(ip))
     }
 }
 
@@ -205,6 +265,9 @@ pub struct Decision {
     /// What the request still needs to pass: a unit of this quota. Set by
     /// [`assess`] when everything else passed; cleared by [`Decision::settle`].
     pub pending: Option<QuotaNeed>,
+    /// A self-service key's hash the store must be asked about (the cache
+    /// did not know it); the caller asks, then decides again.
+    pub lookup: Option<[u8; 32]>,
     pub verdict: Result<(), Denial>,
 }
 
@@ -249,6 +312,7 @@ pub fn decide<H: HeaderSource + ?Sized>(
     now_us: u64,
 ) -> Decision {
     let mut decision = assess(policy, req, now_us);
+    // (`decide` has no store to ask: a key it would look up stays refused.)
     if let Some(need) = decision.pending {
         decision.settle(limiter.check(need.account, &need.quota, now_us));
     }
@@ -282,6 +346,7 @@ pub fn assess<H: HeaderSource + ?Sized>(
         principal: None,
         rate: None,
         pending: None,
+        lookup: None,
         verdict: Ok(()),
     };
     decision.verdict = if ambiguous {
@@ -300,7 +365,6 @@ fn judge<H: HeaderSource + ?Sized>(
     now_us: u64,
     decision: &mut Decision,
 ) -> Result<(), Denial> {
-    let now = now_us / 1_000_000;
     if !policy.server.ip_allow.permits(decision.client_ip) {
         return Err(Denial::IpNotAllowed);
     }
@@ -319,6 +383,64 @@ fn judge<H: HeaderSource + ?Sized>(
         }
         Access::Authenticated => {}
     }
+    identify(policy, req, now_us, decision)?;
+    let Some(principal) = &decision.principal else {
+        return Err(Denial::MissingCredentials);
+    };
+    let missing = decision.route.and_then(|route| {
+        policy
+            .route(route)
+            .permissions
+            .iter()
+            .find(|p| !principal.holds(policy, p))
+            .cloned()
+    });
+    if let Some(missing) = missing {
+        return Err(Denial::InsufficientPermissions(missing));
+    }
+    let (tier, account) = (principal.tier(policy), principal.account(policy));
+    needs_quota(policy, tier, account, decision);
+    Ok(())
+}
+
+/// Who a request that reaches keygate's own endpoints speaks for (the
+/// self-service key API): client IP, the global allowlist, the credential
+/// and the principal's allowlists; no route, permission or quota.
+pub fn authenticate<H: HeaderSource + ?Sized>(
+    policy: &Policy,
+    req: &RequestFacts<'_, H>,
+    now_us: u64,
+) -> Decision {
+    let client_ip = req.client_ip.unwrap_or_else(|| {
+        client_ip::resolve(req.peer, req.headers, &policy.server.trusted_proxies)
+    });
+    let mut decision = Decision {
+        client_ip,
+        route: None,
+        access: Access::Authenticated,
+        principal: None,
+        rate: None,
+        pending: None,
+        lookup: None,
+        verdict: Ok(()),
+    };
+    decision.verdict = if policy.server.ip_allow.permits(client_ip) {
+        identify(policy, req, now_us, &mut decision)
+    } else {
+        Err(Denial::IpNotAllowed)
+    };
+    decision
+}
+
+/// Steps 3 and 4 up to the permissions: the credential, its principal
+/// (set in the decision once known) and the principal's allowlists.
+fn identify<H: HeaderSource + ?Sized>(
+    policy: &Policy,
+    req: &RequestFacts<'_, H>,
+    now_us: u64,
+    decision: &mut Decision,
+) -> Result<(), Denial> {
+    let now = now_us / 1_000_000;
     // A credential in the request wins; a client certificate is the
     // credential of a request that carries none.
     let principal = match credential::extract(req.headers, policy.auth.api_key_header.as_str()) {
@@ -329,29 +451,67 @@ fn judge<H: HeaderSource + ?Sized>(
         }
         Err(e) => return Err(e),
         Ok(Credential::Jwt(token)) => Principal::user_token(jwt::verify(policy, token, now)?),
-        Ok(Credential::ApiKey(key)) => {
-            let idx = credential::find_api_key(policy, key, now)?;
-            Principal::key(AuthMethod::ApiKey, policy, idx)
-        }
+        Ok(Credential::ApiKey(key)) => api_key(policy, req, key, now_us, decision)?,
     };
+    let ip = decision.client_ip;
+    let permitted = principal.ip_permitted(policy, ip)
+        && match (principal.user(), req.stored) {
+            (Some(u), Some(stored)) => stored.account_permits(&policy.user(u).id, ip),
+            _ => true,
+        };
     decision.principal = Some(principal);
-    if !principal.ip_permitted(policy, decision.client_ip) {
+    if !permitted {
         return Err(Denial::IpNotAllowed);
     }
-    if let Some(route) = decision.route {
-        let held = principal.permissions(policy);
-        if let Some(missing) = policy
-            .route(route)
-            .permissions
-            .iter()
-            .find(|p| !held.contains(p))
-        {
-            return Err(Denial::InsufficientPermissions(missing.clone()));
-        }
-    }
-    let tier = principal.tier(policy);
-    needs_quota(policy, tier, principal.account(policy), decision);
     Ok(())
+}
+
+/// An API key: one of the policy's, else (when self-service keys are on) a
+/// well-formed key the store knows. A key of the wrong shape or checksum is
+/// refused without a lookup.
+fn api_key<H: HeaderSource + ?Sized>(
+    policy: &Policy,
+    req: &RequestFacts<'_, H>,
+    key: &str,
+    now_us: u64,
+    decision: &mut Decision,
+) -> Result<Principal, Denial> {
+    let now = now_us / 1_000_000;
+    let hash = credential::key_hash(key);
+    if let Some(idx) = credential::policy_key(policy, &hash) {
+        return credential::usable_key(policy, idx, now)
+            .map(|idx| Principal::key(AuthMethod::ApiKey, policy, idx));
+    }
+    let unknown = Denial::InvalidApiKey("unknown key");
+    let (Some(ss), Some(stored)) = (&policy.auth.self_service, req.stored) else {
+        return Err(unknown);
+    };
+    if !stored::well_formed(&ss.key_prefix, key) {
+        return Err(unknown);
+    }
+    let found = match stored.lookup(&hash, now_us) {
+        Lookup::Found(found) => found,
+        Lookup::Unknown => return Err(unknown),
+        Lookup::Miss => {
+            decision.lookup = Some(hash);
+            return Err(Denial::StateUnavailable);
+        }
+        Lookup::Unavailable => return Err(Denial::StateUnavailable),
+        Lookup::Refused => return Err(Denial::KeyLookupsThrottled),
+    };
+    if found.expires_at.is_some_and(|t| now >= t) {
+        return Err(Denial::InvalidApiKey("the key has expired"));
+    }
+    let (owner, user) = policy
+        .user_by_id(&found.owner)
+        .ok_or(Denial::InvalidApiKey("the key's owner no longer exists"))?;
+    if user.disabled {
+        return Err(Denial::InvalidApiKey("the key's owner is disabled"));
+    }
+    Ok(Principal {
+        method: AuthMethod::ApiKey,
+        holder: Holder::Stored { key: found, owner },
+    })
 }
 
 /// Step 5: the tier's quota, left to the limiter. Unlimited tiers never

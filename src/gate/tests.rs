@@ -57,6 +57,7 @@ impl Req {
                 path: self.path,
                 headers: &self.headers,
                 client_cert: None,
+                stored: None,
             },
             NOW * 1_000_000,
         )
@@ -183,7 +184,7 @@ fn api_key_in_either_header_authenticates() {
     let a = get_vms().header("x-api-key", testing::KEY_CI).decide();
     let b = get_vms().bearer(testing::KEY_CI).decide();
     assert!(a.allowed() && b.allowed());
-    let p = a.principal.unwrap();
+    let p = a.principal.clone().unwrap();
     assert_eq!(p.method, AuthMethod::ApiKey);
     assert_eq!(p.user(), None);
     assert_eq!(a.principal, b.principal);
@@ -503,6 +504,7 @@ fn decide_shared(r: &Req, policy: &Policy, limiter: &Limiter) -> Decision {
             path: r.path,
             headers: &r.headers,
             client_cert: None,
+            stored: None,
         },
         NOW * 1_000_000,
     )
@@ -665,12 +667,15 @@ fn assess_is_pure_and_leaves_the_quota_to_the_limiter() {
         path: r.path,
         headers: &r.headers,
         client_cert: None,
+        stored: None,
     };
     let mut d = assess(&policy, &facts, NOW * 1_000_000);
     let need = d.pending.expect("bob's free tier is limited");
     assert_eq!(
         need.account,
-        policy.user(d.principal.unwrap().user().unwrap()).account
+        policy
+            .user(d.principal.as_ref().unwrap().user().unwrap())
+            .account
     );
     assert!(d.verdict.is_ok() && !d.allowed(), "undecided until settled");
     let limiter = Limiter::new();

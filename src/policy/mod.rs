@@ -266,6 +266,21 @@ pub struct Auth {
     /// Failed logins allowed per client address, and per email.
     pub login_per_ip: Quota,
     pub login_per_email: Quota,
+    /// `[auth.self_service]` when enabled.
+    pub self_service: Option<SelfService>,
+}
+
+/// Customers' own API keys and account allowlist (`[auth.self_service]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfService {
+    /// The key collection: `{path}`, `{path}/{id}`, `{path}/{id}/roll`.
+    pub path: Box<str>,
+    pub account_path: Box<str>,
+    /// Every self-service key starts with it.
+    pub key_prefix: Box<str>,
+    pub max_keys_per_user: u32,
+    pub default_grace: Duration,
+    pub max_grace: Duration,
 }
 
 pub struct JwtKey {

@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics` and `POST /reload`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `POST /reload`
+//! and the operator's key API (`super::admin_keys`).
 //! It runs on its own pingora service (and runtime), so a scrape or a reload
 //! never competes with proxy threads.
 
@@ -21,12 +22,13 @@ pub struct Admin {
     pub status: Arc<Status>,
     /// The fleet's Redis, asked with a `PING` at every `/readyz`.
     pub state: Option<Arc<RedisStore>>,
+    pub keys: Arc<crate::keys::SelfKeys>,
 }
 
 impl Admin {
-    /// With `server.admin_token_*` set, `/reload` needs that bearer token
-    /// (compared in constant time); the policy in force decides, so a new
-    /// token applies from the reload that sets it.
+    /// With `server.admin_token_*` set, `/reload` and the key API need that
+    /// bearer token (compared in constant time); the policy in force
+    /// decides, so a new token applies from the reload that sets it.
     fn may_reload(&self, session: &ServerSession) -> bool {
         let policy = self.store.load();
         let Some(token) = &policy.server.admin_token else {
@@ -137,6 +139,17 @@ impl ServeHttp for Admin {
                     .header(http::header::CONTENT_LENGTH, buf.len())
                     .body(buf)
                     .unwrap_or_default()
+            }
+            (_, p) if super::admin_keys::is_key_path(p) && !self.may_reload(session) => {
+                error_response(
+                    401,
+                    "invalid_credentials",
+                    "the key API needs the admin token (Authorization: Bearer …)",
+                    |out| out.field(b"www-authenticate", br#"Bearer realm="keygate admin""#),
+                )
+            }
+            (_, p) if super::admin_keys::is_key_path(p) => {
+                super::admin_keys::serve(&self.keys, self.store.load(), session).await
             }
             (Method::POST, "/reload") if !self.may_reload(session) => error_response(
                 401,

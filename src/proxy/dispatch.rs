@@ -13,6 +13,10 @@ pub enum Endpoint {
     Refresh,
     Revoke,
     Jwks,
+    /// `[auth.self_service] path` and what is under it.
+    Keys,
+    /// `[auth.self_service] account_path`.
+    AccountAllow,
 }
 
 impl Endpoint {
@@ -23,13 +27,17 @@ impl Endpoint {
             Endpoint::Refresh => "auth:refresh",
             Endpoint::Revoke => "auth:revoke",
             Endpoint::Jwks => "auth:jwks",
+            Endpoint::Keys => "keys",
+            Endpoint::AccountAllow => "keys:ip_allow",
         }
     }
 
-    /// The methods it answers.
+    /// The methods it answers (the key API's depend on the path under it).
     pub fn allows(self, method: &Method) -> bool {
         match self {
             Endpoint::Jwks => *method == Method::GET || *method == Method::HEAD,
+            Endpoint::Keys => true,
+            Endpoint::AccountAllow => *method == Method::GET || *method == Method::PUT,
             _ => *method == Method::POST,
         }
     }
@@ -38,6 +46,8 @@ impl Endpoint {
     pub fn allow_header(self) -> &'static str {
         match self {
             Endpoint::Jwks => "GET, HEAD",
+            Endpoint::Keys => "GET, POST, PATCH, DELETE",
+            Endpoint::AccountAllow => "GET, PUT",
             _ => "POST",
         }
     }
@@ -64,6 +74,17 @@ pub fn dispatch<'p>(policy: &'p Policy, path: &str) -> Dispatch<'p> {
     };
     if let Some(e) = endpoint {
         return Dispatch::Endpoint(e);
+    }
+    if let Some(ss) = &auth.self_service {
+        if path == &*ss.account_path {
+            return Dispatch::Endpoint(Endpoint::AccountAllow);
+        }
+        let under = path
+            .strip_prefix(&*ss.path)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if under {
+            return Dispatch::Endpoint(Endpoint::Keys);
+        }
     }
     match policy.webhook(path) {
         Some(hook) => Dispatch::Webhook(hook),

@@ -117,7 +117,7 @@ pub fn request_head(
         }
         header(out, name, value);
     }
-    if let Some(p) = plan.principal {
+    if let Some(p) = &plan.principal {
         let tier = policy.tier(p.tier(policy));
         header(out, b"x-auth-subject", p.subject(policy).as_bytes());
         if let Some(user) = p.user() {
@@ -134,12 +134,8 @@ pub fn request_head(
             p.permissions(policy).header().as_bytes(),
         );
         header(out, b"x-auth-method", p.method.header().as_bytes());
-        if let Some(key) = p.key_idx() {
-            header(
-                out,
-                b"x-auth-key-id",
-                policy.api_key(key).id_header.as_bytes(),
-            );
+        if let Some(key) = p.key_id_header(policy) {
+            header(out, b"x-auth-key-id", key.as_bytes());
         }
     }
     header(out, b"x-request-id", plan.request_id.as_bytes());

@@ -10,6 +10,7 @@
 
 mod access_log;
 mod admin;
+mod admin_keys;
 pub mod dispatch;
 mod exchange;
 pub mod forward;
@@ -39,6 +40,7 @@ use crate::metrics::METRICS;
 use crate::policy::{Policy, PolicyStore, RedisSettings, StateBackend};
 use crate::state::families::RedisStore;
 use crate::state::fleet::RedisLimits;
+use crate::state::keys::KeyStore;
 use crate::state::{spawn_flusher, RedbStore, StateStore};
 
 /// A service started beside the proxy (the demo's sample upstream).
@@ -54,13 +56,13 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
     reload::policy_metrics(&policy);
     METRICS.config_last_reload_success.set(1);
     let limiter = Arc::new(Limiter::new());
-    let (issuer, fleet, shared_store) = match &policy.state {
+    let (issuer, fleet, shared_store, key_store) = match &policy.state {
         StateBackend::Embedded => {
-            let state = open_state(&server_settings.state_dir, &limiter)?;
+            let (state, keys) = open_state(&server_settings.state_dir, &limiter)?;
             // The embedded store is in this process: up while it runs.
             METRICS.state_up.set(1);
             let issuer = Issuer::new(state, limiter.clone());
-            (issuer, None, None)
+            (issuer, None, None, keys)
         }
         StateBackend::Redis(settings) => {
             let settings: Arc<RedisSettings> = Arc::new((**settings).clone());
@@ -88,11 +90,28 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start the deny-cache sweeper");
             }
-            (issuer, Some(fleet), Some(store))
+            let keys: Arc<dyn KeyStore> = store.clone();
+            (issuer, Some(fleet), Some(store), keys)
         }
     };
+    let keys = Arc::new(crate::keys::SelfKeys::new(key_store));
+    keys.spawn_writer();
     let issuer = Arc::new(issuer);
     let store = Arc::new(PolicyStore::new(path, policy));
+    if let StateBackend::Redis(settings) = &store.load().state {
+        // Its own connections: a follower read that times out must not
+        // take the token endpoints' warm connections with it.
+        match RedisStore::new(Arc::new((**settings).clone())) {
+            Ok(follower) => {
+                let policies = store.clone();
+                keys.follow(
+                    Box::new(move |after: &str| follower.changes_after(after)),
+                    Box::new(move || policies.load().auth.self_service.is_some()),
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "cannot follow key changes through Redis"),
+        }
+    }
     // Made before serving, so no login pays for it (or shows by its time
     // that its email is unknown).
     crate::issue::dummy_hash_for(&store.load());
@@ -132,6 +151,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             issuer,
             fleet,
             connections: Arc::default(),
+            keys: keys.clone(),
         }),
         listener: Some(listener),
         redirect,
@@ -145,6 +165,7 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
             store: store.clone(),
             status: status.clone(),
             state: shared_store,
+            keys: keys.clone(),
         },
     );
     admin.add_tcp(&server_settings.admin_listen.to_string());
@@ -191,7 +212,10 @@ pub fn serve(path: &Path, policy: Policy, extra: Option<Extra>) -> anyhow::Resul
 /// Open the durable store, put the limiter's saved state back, and start
 /// writing it behind. A store that cannot be opened stops the start: serving
 /// without it would hand every account a fresh quota after each restart.
-fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<Arc<dyn StateStore>> {
+fn open_state(
+    dir: &Path,
+    limiter: &Arc<Limiter>,
+) -> anyhow::Result<(Arc<dyn StateStore>, Arc<dyn KeyStore>)> {
     let store = RedbStore::open(dir)
         .map_err(|e| anyhow::anyhow!("{e} (server.state_dir = {})", dir.display()))?;
     let saved = store
@@ -199,9 +223,10 @@ fn open_state(dir: &Path, limiter: &Arc<Limiter>) -> anyhow::Result<Arc<dyn Stat
         .map_err(|e| anyhow::anyhow!("reading limiter state from {}: {e}", dir.display()))?;
     let restored = limiter.restore(saved, crate::clock::unix_now_us());
     tracing::info!(accounts = restored, state_dir = %dir.display(), "limiter state restored");
-    let store: Arc<dyn StateStore> = Arc::new(store);
-    spawn_flusher(limiter.clone(), store.clone());
-    Ok(store)
+    let store = Arc::new(store);
+    let state: Arc<dyn StateStore> = store.clone();
+    spawn_flusher(limiter.clone(), state.clone());
+    Ok((state, store))
 }
 
 fn claim_sighup() {

@@ -29,6 +29,8 @@ pub enum Refusal {
     /// A method the endpoint does not serve; the value is its `Allow` header.
     MethodNotAllowed(&'static str),
     Upstream(Failure),
+    /// The self-service key API refused.
+    Keys(crate::keys::manage::KeyError),
 }
 
 impl Refusal {
@@ -39,6 +41,7 @@ impl Refusal {
             Refusal::MethodNotAllowed(_) => 405,
             Refusal::Gate(d) => d.status(),
             Refusal::Issue(e) => e.status(),
+            Refusal::Keys(e) => e.status(),
             Refusal::Signature { .. } => 401,
             Refusal::Upstream(Failure::Timeout | Failure::Connect(ConnectError::Timeout)) => 504,
             Refusal::Upstream(_) => 502,
@@ -51,6 +54,7 @@ impl Refusal {
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
             Refusal::Gate(d) => d.code(),
             Refusal::Issue(e) => e.code(),
+            Refusal::Keys(e) => e.code(),
             Refusal::Signature { .. } => "invalid_signature",
             Refusal::Upstream(Failure::Timeout | Failure::Connect(ConnectError::Timeout)) => {
                 "upstream_timeout"
@@ -67,6 +71,7 @@ impl Refusal {
             Refusal::MethodNotAllowed(allow) => format!("this endpoint answers {allow}").into(),
             Refusal::Gate(d) => d.message().into(),
             Refusal::Issue(e) => e.message().into(),
+            Refusal::Keys(e) => e.message().into(),
             Refusal::Signature { refusal, .. } => refusal.message().into(),
             Refusal::Upstream(Failure::Timeout | Failure::Connect(ConnectError::Timeout)) => {
                 "the upstream did not answer in time".into()
@@ -79,7 +84,7 @@ impl Refusal {
     /// The label of `keygate_auth_denials_total`, for refusals of the client.
     pub fn denial_label(&self) -> Option<&'static str> {
         match self {
-            Refusal::Upstream(_) | Refusal::Issue(_) => None,
+            Refusal::Upstream(_) | Refusal::Issue(_) | Refusal::Keys(_) => None,
             _ => Some(self.code()),
         }
     }
@@ -104,11 +109,23 @@ impl Refusal {
                 if let Some(c) = d.challenge() {
                     out.field(b"www-authenticate", c.as_bytes());
                 }
+                // Every 503 says when to come back.
+                if *d == Denial::StateUnavailable {
+                    out.field_u64(b"retry-after", 1);
+                }
+                if *d == Denial::KeyLookupsThrottled {
+                    out.field_u64(b"retry-after", 60);
+                }
             }
             Refusal::Issue(e) => {
                 if let Some(c) = e.challenge() {
                     out.field(b"www-authenticate", c.as_bytes());
                 }
+                if let Some(secs) = e.retry_after() {
+                    out.field_u64(b"retry-after", secs);
+                }
+            }
+            Refusal::Keys(e) => {
                 if let Some(secs) = e.retry_after() {
                     out.field_u64(b"retry-after", secs);
                 }

@@ -21,7 +21,7 @@ const REFRESH_V1: TableDefinition<&[u8; 32], (&str, u128, u64, u64, bool)> =
 const REVOKED: TableDefinition<u128, u64> = TableDefinition::new("revoked_families_v1");
 
 pub struct RedbStore {
-    db: Database,
+    pub(super) db: Database,
 }
 
 impl RedbStore {
@@ -35,6 +35,7 @@ impl RedbStore {
         txn.open_table(LIMITS)?;
         txn.open_table(REFRESH)?;
         txn.open_table(REVOKED)?;
+        RedbStore::open_key_tables(&txn)?;
         migrate_refresh_v1(&txn)?;
         txn.commit()?;
         Ok(RedbStore { db })

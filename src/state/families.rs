@@ -106,7 +106,7 @@ return existed
 
 pub struct RedisStore {
     pool: SyncPool,
-    prefix: Box<str>,
+    pub(super) prefix: Box<str>,
     /// `[state] record_key`: authenticates family records; with the
     /// previous key (a rotation) and whether unsigned records pass.
     record_key: Box<[u8]>,
@@ -148,7 +148,7 @@ impl RedisStore {
     }
 
     /// Run one call, counted by `op` and outcome.
-    fn call<T>(
+    pub(super) fn call<T>(
         &self,
         op: &'static str,
         f: impl FnOnce(&mut dyn redis::ConnectionLike) -> redis::RedisResult<T>,

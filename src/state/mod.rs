@@ -14,6 +14,8 @@ use std::time::Duration;
 mod embedded;
 pub mod families;
 pub mod fleet;
+pub mod keys;
+mod keys_redis;
 pub mod migrate;
 pub mod topology;
 

@@ -81,6 +81,7 @@ impl Cx<'_> {
             revoke_path: text(&a.revoke_path, DEFAULT_REVOKE_PATH),
             default_access,
             api_key_header,
+            self_service: None,
         }
     }
 

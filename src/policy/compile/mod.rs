@@ -95,7 +95,8 @@ impl Cx<'_> {
         let server = self.server(&f.server);
         let log = self.log(&f.log);
         let upstream = self.upstream(&f.upstream);
-        let auth = self.auth(&f.auth);
+        let mut auth = self.auth(&f.auth);
+        auth.self_service = self.self_service(f.auth.self_service.as_ref(), &auth);
         let jwt_keys = self.jwt_keys(&f.auth.keys);
         let (tiers, tier_index) = self.tiers(&f.tiers);
         let (users, users_by_id, users_by_email) = self.users(&f.users, &tier_index);
@@ -157,6 +158,7 @@ pub fn hash_prefix(hash: &[u8; 32]) -> u64 {
 mod accounts;
 mod auth;
 mod routes;
+mod self_service;
 mod server;
 mod state;
 mod tls;

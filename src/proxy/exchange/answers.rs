@@ -166,8 +166,12 @@ impl<D: Downstream> Req<'_, D> {
         let fields = self.down.answer(status, reason(status).as_bytes());
         json_fields(fields, hsts, cache_control, &self.x.request_id);
         extra(fields);
-        self.down
-            .end_head(AnswerBody::Length(body.len() as u64), close, None);
+        let framing = if status == 204 {
+            AnswerBody::Empty
+        } else {
+            AnswerBody::Length(body.len() as u64)
+        };
+        self.down.end_head(framing, close, None);
         let body = if self.head.method == Method::HEAD {
             &[][..]
         } else {

@@ -24,6 +24,9 @@ impl<D: Downstream> Req<'_, D> {
             let refusal = Refusal::MethodNotAllowed(endpoint.allow_header());
             return self.refuse(refusal).await;
         }
+        if matches!(endpoint, Endpoint::Keys | Endpoint::AccountAllow) {
+            return self.serve_keys(endpoint).await;
+        }
         if endpoint == Endpoint::Jwks {
             let body = policy.jwks.clone().into_bytes();
             return self.answer(200, "public, max-age=300", &body, |_| {}).await;

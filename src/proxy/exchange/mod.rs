@@ -11,6 +11,7 @@
 //!
 //! The rooms, each in a file of its own: [`gate_branch`] (decide, limit,
 //! then forward or refuse), [`endpoints`] (login, refresh, revoke, JWKS),
+//! [`keys`] (the self-service key API),
 //! [`webhooks`] (verified webhook paths), [`forwarding`] (the upstream
 //! exchange and the answer's relay), [`answers`] (keygate's own JSON
 //! answers) and [`record`] (the request record and its log line). The
@@ -40,6 +41,7 @@ mod answers;
 mod endpoints;
 mod forwarding;
 mod gate_branch;
+mod keys;
 mod record;
 mod webhooks;
 
@@ -56,6 +58,8 @@ pub struct Shared {
     pub fleet: Option<Arc<crate::state::fleet::RedisLimits>>,
     /// Client connections open, for `server.max_connections*`.
     pub connections: Arc<super::front::Connections>,
+    /// Self-service keys and account allowlists.
+    pub keys: Arc<crate::keys::SelfKeys>,
 }
 
 /// One proxy thread's state; its connections share it through an `Rc`.

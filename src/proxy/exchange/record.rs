@@ -131,7 +131,7 @@ impl Exchange {
         if policy.log.access == crate::policy::AccessLog::Off {
             return;
         }
-        let principal = decision.and_then(|d| d.principal);
+        let principal = decision.and_then(|d| d.principal.as_ref());
         access_log::with_now(|time| {
             access_log::write(
                 policy.log.access,
@@ -149,9 +149,7 @@ impl Exchange {
                         .map(|p| p.subject_str(policy))
                         .or(self.subject.as_deref()),
                     auth_method: principal.map(|p| p.method.as_str()),
-                    key_id: principal
-                        .and_then(|p| p.key_idx())
-                        .map(|k| &*policy.api_key(k).id),
+                    key_id: principal.and_then(|p| p.key_id(policy)),
                     tier: principal.map(|p| &*policy.tier(p.tier(policy)).name),
                     code,
                     bytes_in,

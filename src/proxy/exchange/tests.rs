@@ -20,9 +20,10 @@ fn worker(upstream_port: u16, state: &std::path::Path) -> Rc<Worker> {
     );
     let policy = compile_str(&toml).expect("test policy").policy;
     let limiter = Arc::new(Limiter::new());
-    let store: Arc<dyn crate::state::StateStore> =
-        Arc::new(RedbStore::open(state).expect("state store"));
+    let redb = Arc::new(RedbStore::open(state).expect("state store"));
+    let store: Arc<dyn crate::state::StateStore> = redb.clone();
     Rc::new(Worker::new(Arc::new(Shared {
+        keys: Arc::new(crate::keys::SelfKeys::new(redb)),
         store: Arc::new(PolicyStore::new(std::path::Path::new("test.toml"), policy)),
         limiter: limiter.clone(),
         issuer: Arc::new(Issuer::new(store, limiter)),
