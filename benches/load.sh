@@ -9,6 +9,7 @@
 #   keygate-selfkey keygate, a self-service key (made through the admin API,
 #                   kept in the embedded store, served from the lookup cache)
 #   keygate-selfkey-redis the same on keygate-redis: the key in Redis
+#   keygate-apikey-redis  the TOML key on keygate-redis (selfkey-redis's baseline)
 #   nginx-proxy-log nginx-proxy with its access_log on (combined, to a file)
 #   keygate-jwt-log keygate-jwt with access = "json" (stdout to a file)
 #   keygate-redis   keygate-jwt with its limits in a local redis-server
@@ -286,6 +287,7 @@ targets=(
   "keygate-apikey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $API_KEY"
   "keygate-selfkey|http://127.0.0.1:$KG/v1/vms|X-API-Key: $SELF_KEY"
   "keygate-selfkey-redis|http://127.0.0.1:$KGR/v1/vms|X-API-Key: $SELF_KEY_R"
+  "keygate-apikey-redis|http://127.0.0.1:$KGR/v1/vms|X-API-Key: $API_KEY"
   "keygate-jwt-log|http://127.0.0.1:$KGL/v1/vms|Authorization: Bearer $JWT"
   "keygate-redis|http://127.0.0.1:$KGR/v1/vms|Authorization: Bearer $JWT"
   "pingora-bare|http://127.0.0.1:$BARE/v1/vms|"
@@ -315,13 +317,13 @@ done
 
 args=()
 for m in rps p50 p99; do
-  for n in direct nginx-proxy nginx-proxy-log haproxy-jwt keygate-jwt keygate-apikey keygate-selfkey keygate-selfkey-redis keygate-jwt-log keygate-redis pingora-bare hyper-bare; do
+  for n in direct nginx-proxy nginx-proxy-log haproxy-jwt keygate-jwt keygate-apikey keygate-selfkey keygate-selfkey-redis keygate-apikey-redis keygate-jwt-log keygate-redis pingora-bare hyper-bare; do
     eval "args+=(\"\${$m[$n]:-}\")"
   done
 done
 python3 - "$ROUNDS" "${args[@]}" <<'PY'
 import statistics, sys
-names = ["direct", "nginx-proxy", "nginx-proxy-log", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-selfkey", "keygate-selfkey-redis", "keygate-jwt-log", "keygate-redis", "pingora-bare", "hyper-bare"]
+names = ["direct", "nginx-proxy", "nginx-proxy-log", "haproxy-jwt", "keygate-jwt", "keygate-apikey", "keygate-selfkey", "keygate-selfkey-redis", "keygate-apikey-redis", "keygate-jwt-log", "keygate-redis", "pingora-bare", "hyper-bare"]
 def ms(v):
     for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if v.endswith(unit):
@@ -341,9 +343,9 @@ for n in ran:
     print(f"| {n} | {rps[n]:,.0f} | {p50[n]:.3f} | {p99[n]:.3f} | {ratio(n, 'nginx-proxy')} | {ratio(n, 'haproxy-jwt')} |")
 if "keygate-selfkey" in rps:
     print()
-    for n in ("keygate-selfkey", "keygate-selfkey-redis"):
+    for n, base in (("keygate-selfkey", "keygate-apikey"), ("keygate-selfkey-redis", "keygate-apikey-redis")):
         if n in rps:
-            print(f"self-service key: {n} = {ratio(n, 'keygate-apikey')} keygate-apikey (TOML key)")
+            print(f"self-service key: {n} = {ratio(n, base)} {base} (a TOML key, same keygate)")
 if "keygate-jwt-log" in rps:
     print()
     print(f"access log on: keygate-jwt-log = {ratio('keygate-jwt-log', 'keygate-jwt')} keygate-jwt (log off), "

@@ -82,7 +82,21 @@ struct IncludeOnly {
 /// The main file's `include` patterns and their span; none when the file
 /// does not parse (the compiler then reports why).
 fn patterns(src: &str) -> (Vec<String>, Range<usize>) {
-    match toml::from_str::<IncludeOnly>(src) {
+    // `include` is a top-level key, so it stands before the first table
+    // header: parse only that much (a policy of a million keys is not read
+    // twice), and the whole text when the head alone does not parse.
+    let mut head_end = src.len();
+    let mut at = 0;
+    for line in src.split_inclusive('\n') {
+        if line.trim_start().starts_with('[') {
+            head_end = at;
+            break;
+        }
+        at += line.len();
+    }
+    let parsed = toml::from_str::<IncludeOnly>(&src[..head_end])
+        .or_else(|_| toml::from_str::<IncludeOnly>(src));
+    match parsed {
         Ok(IncludeOnly {
             include: Some(list),
         }) => {
@@ -208,14 +222,25 @@ fn check_included(file: &str, src: &str) -> Vec<ConfigError> {
 }
 
 /// Read the includes `main_src` names and join everything into one text.
-pub fn assemble(main: &Path, main_src: &str) -> Result<Sources, Vec<ConfigError>> {
+pub fn assemble(main: &Path, main_src: String) -> Result<Sources, Vec<ConfigError>> {
     let main_name = main.display().to_string();
-    let mut sources = Sources::single(&main_name, main_src);
-    let (list, span) = patterns(main_src);
+    let (list, span) = patterns(&main_src);
+    let (line, column) = if list.is_empty() {
+        (0, 0)
+    } else {
+        LineIndex::new(&main_src).position(&main_src, span.start)
+    };
+    // Taken, not copied: the text may be a policy of a million keys.
+    let mut sources = Sources {
+        text: main_src,
+        segments: vec![Segment {
+            start: 0,
+            file: main_name.clone(),
+        }],
+    };
     if list.is_empty() {
         return Ok(sources);
     }
-    let (line, column) = LineIndex::new(main_src).position(main_src, span.start);
     let at_include = |message: String| ConfigError {
         file: main_name.clone(),
         line,
@@ -286,7 +311,7 @@ mod tests {
         std::fs::write(dir.path().join("users.d/a.toml"), "[[users]]\nid = \"a\"\n").unwrap();
         let main = dir.path().join("keygate.toml");
         let src = "include = [\"users.d/*.toml\"]\n[server]\n";
-        let s = assemble(&main, src).unwrap();
+        let s = assemble(&main, src.to_string()).unwrap();
         let at = s.text.find("id = \"b\"").unwrap();
         let (file, line, column) = s.locate(at);
         assert!(file.ends_with("users.d/b.toml"), "{file}");
@@ -294,7 +319,7 @@ mod tests {
         assert!(s.text.find("id = \"a\"").unwrap() < at, "sorted by name");
         assert_eq!(s.locate(3), (s.main(), 1, 4));
         assert_eq!(files(&main).len(), 1, "the main file is not on disk");
-        let missing = assemble(&main, "include = [\"nope.toml\"]\n").unwrap_err();
+        let missing = assemble(&main, "include = [\"nope.toml\"]\n".to_string()).unwrap_err();
         assert!(missing[0].message.contains("does not exist"));
     }
 }

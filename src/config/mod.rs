@@ -5,6 +5,7 @@
 //! so that `policy::compile` can report all problems at once, each with its
 //! line and column. Nothing outside `policy` ever reads these structs.
 
+mod bulk;
 mod diagnostics;
 pub mod include;
 mod secret;
@@ -377,6 +378,11 @@ pub struct Route {
 /// errors stop here (TOML has no way to go on after one); everything that is
 /// a matter of meaning is checked later, all at once, by `policy::compile`.
 pub fn parse(src: &str) -> Result<File, diagnostics::Located> {
+    bulk::parse(src)
+}
+
+/// One `toml::from_str` of the whole text.
+fn parse_whole(src: &str) -> Result<File, diagnostics::Located> {
     toml::from_str(src).map_err(|e| diagnostics::Located {
         span: e.span(),
         message: e.message().to_string(),

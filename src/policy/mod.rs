@@ -384,9 +384,10 @@ pub struct Tier {
 }
 
 /// A sorted set of permission names, with its header form rendered once.
+/// Cloning shares it: a million keys of one owner hold one set.
 #[derive(Debug, Clone, Default)]
 pub struct Permissions {
-    names: Box<[Box<str>]>,
+    names: std::sync::Arc<[Box<str>]>,
     header: Option<HeaderValue>,
 }
 
@@ -397,7 +398,7 @@ impl Permissions {
         let joined = names.join(",");
         Permissions {
             header: HeaderValue::from_str(&joined).ok(),
-            names: names.into_boxed_slice(),
+            names: names.into(),
         }
     }
 

@@ -112,7 +112,7 @@ impl PolicyStore {
                 let needs_restart = restart_only_changes(&self.boot, &compiled.policy);
                 let counts = compiled.policy.counts();
                 prepare(&compiled.policy);
-                self.current.store(Arc::new(compiled.policy));
+                retire(self.current.swap(Arc::new(compiled.policy)));
                 ReloadOutcome::Applied {
                     counts,
                     warnings: compiled.warnings,
@@ -122,6 +122,28 @@ impl PolicyStore {
             }
             Err(errors) => ReloadOutcome::Rejected { errors },
         }
+    }
+}
+
+/// Free a replaced policy on a thread of its own once the requests that
+/// still hold it are done: freeing a policy of a million keys takes a good
+/// fraction of a second, which must never land on a proxy thread (the last
+/// holder of an `Arc` frees it).
+fn retire(old: Arc<Policy>) {
+    let spawned = std::thread::Builder::new()
+        .name("keygate policy retire".into())
+        .spawn(move || {
+            let mut old = old;
+            for _ in 0..6_000 {
+                match Arc::try_unwrap(old) {
+                    Ok(policy) => return drop(policy),
+                    Err(held) => old = held,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to free the old policy");
     }
 }
 

@@ -224,26 +224,29 @@ impl Cx<'_> {
 
     pub(super) fn api_keys(
         &mut self,
-        keys: &[config::Spanned<config::ApiKey>],
+        keys: Vec<config::Spanned<config::ApiKey>>,
         users: &[User],
         users_by_id: &HashMap<Box<str>, UserIdx>,
         users_by_email: &HashMap<Box<str>, UserIdx>,
         tiers: &HashMap<String, TierIdx>,
     ) -> (Vec<ApiKey>, HashMap<u64, crate::policy::KeyIdx>) {
-        let mut out = Vec::new();
-        let mut by_prefix: HashMap<u64, crate::policy::KeyIdx> = HashMap::new();
-        let mut ids = HashSet::new();
+        // Sized once: a policy may hold a million keys.
+        let mut out = Vec::with_capacity(keys.len());
+        let mut by_prefix: HashMap<u64, crate::policy::KeyIdx> = HashMap::with_capacity(keys.len());
+        // Each entry is dropped once compiled, so the file's keys and the
+        // policy's are not both whole in memory at once.
+        let mut id_spans = Vec::with_capacity(keys.len());
+        // Keys listing the same permissions under the same owner share one set.
+        let mut sets: HashMap<(Vec<String>, Option<UserIdx>), Permissions> = HashMap::new();
         for entry in keys {
             let span = entry.span();
-            let k = entry.get_ref();
+            let k = entry.into_inner();
             let id = k.id.get_ref();
             if id.is_empty() || HeaderValue::from_str(id).is_err() {
                 self.d
                     .error(k.id.span(), "an API key id must be printable ASCII");
-            } else if !ids.insert(id.as_str()) {
-                self.d
-                    .error(k.id.span(), format!("duplicate API key id {id:?}"));
             }
+            id_spans.push(k.id.span());
             let sha256 = match decode_sha256(k.sha256.get_ref()) {
                 Some(h) => h,
                 None => {
@@ -290,22 +293,42 @@ impl Cx<'_> {
             let permissions = match (&k.permissions, owner) {
                 (None, Some(o)) => users[o as usize].permissions.clone(),
                 (None, None) => Permissions::default(),
-                (Some(listed), None) => self.permissions(listed),
-                (Some(listed), Some(o)) => {
-                    let owner = &users[o as usize];
-                    for p in listed {
-                        if !owner.permissions.contains(p.get_ref()) {
-                            self.d.warn(
-                                p.span(),
-                                format!(
-                                    "user {:?} does not hold {:?}; the key will not have it either",
-                                    owner.id,
-                                    p.get_ref()
-                                ),
-                            );
+                (Some(listed), owner) => {
+                    if let Some(o) = owner {
+                        let owner = &users[o as usize];
+                        for p in listed {
+                            if !owner.permissions.contains(p.get_ref()) {
+                                self.d.warn(
+                                    p.span(),
+                                    format!(
+                                        "user {:?} does not hold {:?}; the key will not have it either",
+                                        owner.id,
+                                        p.get_ref()
+                                    ),
+                                );
+                            }
                         }
                     }
-                    self.permissions(listed).intersect(&owner.permissions)
+                    let names: Vec<String> = listed.iter().map(|p| p.get_ref().clone()).collect();
+                    match sets.get(&(names, owner)) {
+                        Some(set) => {
+                            for p in listed {
+                                self.permission_name(p);
+                            }
+                            set.clone()
+                        }
+                        None => {
+                            let set = match owner {
+                                None => self.permissions(listed),
+                                Some(o) => self
+                                    .permissions(listed)
+                                    .intersect(&users[o as usize].permissions),
+                            };
+                            let names = listed.iter().map(|p| p.get_ref().clone()).collect();
+                            sets.insert((names, owner), set.clone());
+                            set
+                        }
+                    }
                 }
             };
             let idx = out.len() as crate::policy::KeyIdx;
@@ -336,6 +359,13 @@ impl Cx<'_> {
                 expires_at: k.expires_at.as_ref().and_then(|t| self.timestamp(t)),
                 disabled: k.disabled,
             });
+        }
+        let mut ids = HashSet::with_capacity(out.len());
+        for (key, span) in out.iter().zip(id_spans) {
+            if !key.id.is_empty() && !ids.insert(&*key.id) {
+                self.d
+                    .error(span, format!("duplicate API key id {:?}", key.id));
+            }
         }
         (out, by_prefix)
     }

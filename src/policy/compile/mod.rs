@@ -41,7 +41,7 @@ pub fn compile_file_with(
             message: format!("cannot read the configuration file: {e}"),
         }]
     })?;
-    let sources = config::include::assemble(path, &src)?;
+    let sources = config::include::assemble(path, src)?;
     compile_sources(&sources, secrets)
 }
 
@@ -91,7 +91,7 @@ struct Cx<'a> {
 }
 
 impl Cx<'_> {
-    pub(super) fn policy(&mut self, file: &str, f: config::File) -> Option<Policy> {
+    pub(super) fn policy(&mut self, file: &str, mut f: config::File) -> Option<Policy> {
         let server = self.server(&f.server);
         let log = self.log(&f.log);
         let upstream = self.upstream(&f.upstream);
@@ -102,11 +102,13 @@ impl Cx<'_> {
         let (users, users_by_id, users_by_email) = self.users(&f.users, &tier_index);
         // Client certificates are API keys found another way: one list, so
         // ids are unique across both and the same rules apply.
-        let mut entries = f.api_keys.clone();
+        // Taken, not copied: a policy may hold a million keys.
+        let toml_keys = f.api_keys.len();
+        let mut entries = std::mem::take(&mut f.api_keys);
         entries.extend(f.client_certs.iter().map(as_api_key));
         let (api_keys, api_keys_by_hash_prefix) =
-            self.api_keys(&entries, &users, &users_by_id, &users_by_email, &tier_index);
-        let client_certs = self.client_certs(&f.client_certs, f.api_keys.len());
+            self.api_keys(entries, &users, &users_by_id, &users_by_email, &tier_index);
+        let client_certs = self.client_certs(&f.client_certs, toml_keys);
         let asks_for_certs = f
             .server
             .tls
