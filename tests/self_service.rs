@@ -809,3 +809,41 @@ fn the_operator_manages_any_users_keys_on_the_admin_listener_and_with_the_cli() 
     let (ok, _, err) = cli(&["keys", "revoke", "-c", &config, "key_doesnotexist"]);
     assert!(!ok && err.contains("404 key_not_found"), "{err}");
 }
+
+#[test]
+fn a_managing_key_cannot_roll_a_stronger_key_into_its_hands() {
+    let (_upstream, kg) = start();
+    let (_, strong) = create(
+        &kg,
+        "u_alice",
+        json!({"name": "strong", "permissions": ["vms:read", "vms:write"]}),
+    );
+    let (_, manager) = create(
+        &kg,
+        "u_alice",
+        json!({"name": "m", "permissions": ["keys:manage", "vms:read"]}),
+    );
+    let manager = manager["key"].as_str().unwrap();
+    let roll = format!("/api/v1/keys/{}/roll", strong["id"].as_str().unwrap());
+    let (status, body) = answer(
+        client()
+            .post(kg.url(&roll))
+            .bearer_auth(manager)
+            .json(&json!({}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(
+        (status, code(&body)),
+        (403, "insufficient_permissions"),
+        "{body}"
+    );
+    // The owner's own token may roll it.
+    let (status, _) = answer(
+        as_user(client().post(kg.url(&roll)), "u_alice")
+            .json(&json!({}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 201);
+}

@@ -462,6 +462,18 @@ impl SelfKeys {
                 if !old.live(now) {
                     return Err(KeyError::Revoked);
                 }
+                // The new key is shown to the caller: a caller (a key with
+                // keys:manage) may not get a key that holds more than itself
+                // (what the key holds now: its list within the owner's).
+                let holds = |p: &&String| owner.permissions.contains(p);
+                if let Some(p) = old
+                    .permissions
+                    .iter()
+                    .filter(holds)
+                    .find(|p| !actor.ceiling.contains(p))
+                {
+                    return Err(KeyError::Insufficient(p.clone()));
+                }
                 throttle(&changes)?;
                 let (key, sha256, start) = new_key(&settings.key_prefix);
                 let record = KeyRecord {

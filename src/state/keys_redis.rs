@@ -240,6 +240,12 @@ impl KeyStore for RedisStore {
         inv.arg(&r.id).arg(&json).arg(max).arg(now);
         let stored: i64 = self.call("key_create", |c| inv.invoke(c))?;
         if stored == 0 {
+            // Its indexes name no record; take them back (best effort: an
+            // index without its record finds nothing anyway).
+            let (h, i) = (self.hash_index(&r.sha256), self.id_index(&r.id));
+            let _ = self.call("key_index", |c| {
+                redis::cmd("DEL").arg(&h).arg(&i).query::<()>(c)
+            });
             return Ok(Created::TooMany);
         }
         self.announce(&hex(&r.sha256))?;
