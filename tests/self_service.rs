@@ -847,3 +847,37 @@ fn a_managing_key_cannot_roll_a_stronger_key_into_its_hands() {
     );
     assert_eq!(status, 201);
 }
+
+#[test]
+fn last_used_at_is_written_behind_to_the_minute() {
+    let (_upstream, kg) = start();
+    let (_, made) = create(&kg, "u_alice", json!({"name": "used"}));
+    let key = made["key"].as_str().unwrap();
+    let path = format!("/api/v1/keys/{}", made["id"].as_str().unwrap());
+    let last_used = |kg: &Keygate| {
+        let (_, one) = answer(
+            as_user(client().get(kg.url(&path)), "u_alice")
+                .send()
+                .unwrap(),
+        );
+        one["last_used_at"].clone()
+    };
+    assert_eq!(last_used(&kg), Value::Null);
+    assert_eq!(use_key(&kg, key), 200);
+    let used = Instant::now();
+    let at = loop {
+        let v = last_used(&kg);
+        if !v.is_null() {
+            break v;
+        }
+        assert!(
+            used.elapsed() < Duration::from_secs(15),
+            "last_used_at not written in 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let at = humantime::parse_rfc3339(at.as_str().unwrap()).unwrap();
+    let at = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert_eq!(at % 60, 0, "to the minute");
+    assert!(now() - at < 120);
+}
